@@ -1,7 +1,24 @@
-"""curvature: matrix-free second-order curvature operators for PyTorch models."""
+"""curvature: matrix-free second-order curvature operators for PyTorch models.
+
+Operators (``Hessian``, ``GGN``, ``Fisher``, ``EmpiricalFisher``) act on flat parameter-space
+vectors ``(d,)`` or blocks ``(d, k)`` with ``@``; see :class:`LinearOperator`.
+"""
 
 from .blocks import Block
+from .empirical_fisher import EmpiricalFisher
+from .fisher import Fisher
+from .ggn import GGN
+from .hessian import Hessian
 from .linear_operator import DenseOperator, LinearOperator, as_operator
 
-__all__ = ["Block", "DenseOperator", "LinearOperator", "as_operator"]
+__all__ = [
+    "Block",
+    "DenseOperator",
+    "EmpiricalFisher",
+    "Fisher",
+    "GGN",
+    "Hessian",
+    "LinearOperator",
+    "as_operator",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,37 @@
+"""The empirical Fisher: outer products of per-sample gradients at the observed labels."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .losses import OutputCurvature
+from .output_space import OutputSpaceOperator
+
+__all__ = ["EmpiricalFisher"]
+
+
+class EmpiricalFisher(OutputSpaceOperator):
+    """Empirical Fisher ``kappa * sum_n g_n g_n^T`` with ``g_n`` the gradient of sample ``n``'s loss.
+
+    ``g_n`` is taken at the OBSERVED targets and ``kappa`` is the loss's reduction factor (so the
+    empirical Fisher is the Fisher's formula with data labels in place of model samples). It is
+    not a curvature matrix in general and can differ a lot from the GGN away from a minimum;
+    it is provided because optimizers and pruning methods use it.
+
+    For cross-entropy a "sample" is each position that has its own label (tokens of a sequence);
+    for MSE/BCE it is a row of the outputs and ``g_n`` is the gradient of the row's summed
+    elementwise losses.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Linear(3, 2)
+        >>> x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+        >>> E = EmpiricalFisher(model, nn.CrossEntropyLoss(), (x, y))
+        >>> E.shape
+        (8, 8)
+    """
+
+    def _output_product(self, index: int, curvature: OutputCurvature, U: Tensor) -> Tensor:
+        return curvature.outer_product(curvature.residuals(), U)

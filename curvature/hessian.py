@@ -1,0 +1,145 @@
+"""The Hessian of the loss over a dataset, applied to blocks of vectors."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .functional import model_as_function
+from .model_operator import ModelOperator
+from .params import ParamSpec
+
+__all__ = ["Hessian", "HESSIAN_BACKENDS"]
+
+HESSIAN_BACKENDS = ("auto", "double_backward", "double_backward_vmap", "forward_over_reverse")
+
+
+class Hessian(ModelOperator):
+    """Hessian of the loss of ``model`` over ``data`` with respect to the selected parameters.
+
+    ``H @ V`` for a ``(d, k)`` block shares one forward and one create-graph backward per data
+    batch among all ``k`` columns; only the second backward is paid per column.
+
+    Args:
+        model: the network (analysed as it is: call ``model.eval()`` first).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``, e.g. ``nn.CrossEntropyLoss()``.
+        data: one ``(inputs, targets)`` batch or a re-iterable of batches (a DataLoader).
+        params: parameter names, tensors or a predicate; default all that require grad.
+        reduction: ``"mean"`` or ``"sum"``; default ``loss_fn.reduction`` (else ``"mean"``).
+        backend: ``"double_backward"`` (reuse the first-order graph for each column),
+            ``"double_backward_vmap"`` (vmap the second backward over columns),
+            ``"forward_over_reverse"`` (``vmap(jvp(grad))``), or ``"auto"``: double backward,
+            which measured fastest on CPU (bench/operators.py).
+        probe_batch_size: at most this many columns per vmapped pass (bounds memory).
+        cache_graph: keep the first-order graph alive between products so repeated products
+            (Lanczos, probes) pay only the second backward. Default: on when ``data`` is a
+            single batch. The cache holds the backward graph (about one to two times the
+            activation memory); it is rebuilt when the parameters change in place, and freed by
+            :meth:`release` or by leaving a ``with`` block.
+        allow_train_mode: analyse a model in train mode with Dropout/BatchNorm (warns; buffers
+            are restored afterwards).
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> H = Hessian(model, nn.CrossEntropyLoss(), (x, y))
+        >>> H.shape, (H @ torch.ones(H.shape[0])).shape
+        ((26, 26), torch.Size([26]))
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[..., Tensor],
+        data: Any,
+        *,
+        params: ParamSpec = None,
+        reduction: str | None = None,
+        backend: str = "auto",
+        probe_batch_size: int | None = None,
+        cache_graph: bool | None = None,
+        allow_train_mode: bool = False,
+        check_finite: bool = True,
+        progress: bool = False,
+    ):
+        if backend not in HESSIAN_BACKENDS:
+            raise ValueError(f"backend must be one of {HESSIAN_BACKENDS}, got {backend!r}")
+        super().__init__(
+            model,
+            loss_fn,
+            data,
+            params=params,
+            reduction=reduction,
+            probe_batch_size=probe_batch_size,
+            cache_graph=cache_graph,
+            allow_train_mode=allow_train_mode,
+            check_finite=check_finite,
+            progress=progress,
+        )
+        self.backend = "double_backward" if backend == "auto" else backend
+
+    def gradient_graph(self, index: int, inputs: Any, targets: Any) -> list[Tensor]:
+        """The batch loss's gradient per parameter, with its graph (zeros for unused parameters)."""
+
+        def build() -> list[Tensor]:
+            with torch.enable_grad():
+                loss = self.loss(inputs, targets, index)
+                return list(
+                    torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True, materialize_grads=True)
+                )
+
+        return self._cached(index, build)
+
+    # -- products -------------------------------------------------------------------------------
+    def _batch_product(self, index: int, inputs: Any, targets: Any, V: list[Tensor]) -> list[Tensor]:
+        if self.backend == "forward_over_reverse":
+            return self._forward_over_reverse(index, inputs, targets, V)
+        grads = self.gradient_graph(index, inputs, targets)
+        # Gradients that do not depend on the parameters (unused or linear ones) contribute nothing.
+        live = [i for i, g in enumerate(grads) if g.requires_grad]
+        k = V[0].shape[0]
+        out = [torch.zeros_like(v) for v in V]
+        if not live:
+            return out
+        outputs = [grads[i] for i in live]
+        with torch.enable_grad():
+            if self.backend == "double_backward_vmap":
+                for cols in self._column_chunks(k):
+                    res = torch.autograd.grad(
+                        outputs, self.params, [V[i][cols] for i in live],
+                        retain_graph=True, is_grads_batched=True, allow_unused=True, materialize_grads=True,
+                    )
+                    for j, r in enumerate(res):
+                        out[j][cols] = r
+            else:
+                for c in range(k):
+                    res = torch.autograd.grad(
+                        outputs, self.params, [V[i][c] for i in live],
+                        retain_graph=True, allow_unused=True, materialize_grads=True,
+                    )
+                    for j, r in enumerate(res):
+                        out[j][c] = r
+        return out
+
+    def _forward_over_reverse(self, index: int, inputs: Any, targets: Any, V: list[Tensor]) -> list[Tensor]:
+        f = model_as_function(self.model, self.param_names, inputs)
+        primals = tuple(p.detach() for p in self.params)
+
+        def loss_of(*params: Tensor) -> Tensor:
+            return self._check_loss(self.loss_fn(f(*params), targets), index)
+
+        grad_fn = torch.func.grad(loss_of, argnums=tuple(range(len(primals))))
+
+        def hvp(*tangents: Tensor) -> tuple[Tensor, ...]:
+            return torch.func.jvp(grad_fn, primals, tangents)[1]
+
+        k = V[0].shape[0]
+        out = [torch.empty_like(v) for v in V]
+        for cols in self._column_chunks(k):
+            res = torch.func.vmap(hvp)(*[v[cols] for v in V])
+            for j, r in enumerate(res):
+                out[j][cols] = r
+        return out
