@@ -210,7 +210,9 @@ class _ScipyAdapter(LinearOperator):
         return torch.as_tensor(out, device=self._device).to(self._dtype)
 
 
-def as_operator(op: Any, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LinearOperator:
+def as_operator(
+    op: Any, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> LinearOperator:
     """Return ``op`` as a :class:`LinearOperator`.
 
     Accepts our operators (returned unchanged), a square ``torch.Tensor`` and a

@@ -66,7 +66,9 @@ class OutputSpaceOperator(ModelOperator):
             with torch.enable_grad():
                 outputs = self.forward(inputs)
                 if not isinstance(outputs, Tensor):
-                    raise TypeError(f"the model must return one tensor for {type(self).__name__}, got {type(outputs).__name__}")
+                    raise TypeError(
+                        f"the model must return one tensor for {type(self).__name__}, got {type(outputs).__name__}"
+                    )
                 self._check_loss(self.loss_fn(outputs.detach(), targets), index)
             return outputs, OutputCurvature(self.loss_info, self.loss_fn, outputs, targets)
 

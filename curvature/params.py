@@ -28,7 +28,7 @@ def select_parameters(model: nn.Module, params: ParamSpec = None) -> tuple[list[
     if params is None:
         chosen = [(n, p) for n, p in named if p.requires_grad]
         if not chosen:
-            raise ValueError("the model has no parameters that require grad; pass params= or enable requires_grad")
+            raise ValueError("the model has no parameters that require grad; pass params= or call requires_grad_()")
     elif callable(params):
         chosen = [(n, p) for n, p in named if params(n, p)]
     else:
@@ -37,10 +37,12 @@ def select_parameters(model: nn.Module, params: ParamSpec = None) -> tuple[list[
         raise ValueError("params= selects no parameters")
     for name, p in chosen:
         if not p.requires_grad:
-            raise ValueError(f"parameter {name!r} does not require grad; call .requires_grad_() or leave it out of params=")
+            raise ValueError(
+                f"parameter {name!r} does not require grad; call .requires_grad_() or leave it out of params="
+            )
     dtypes = {p.dtype for _, p in chosen}
     if len(dtypes) > 1:
-        raise TypeError(f"selected parameters have mixed dtypes {sorted(map(str, dtypes))}; convert the model to one dtype")
+        raise TypeError(f"selected parameters have mixed dtypes {sorted(map(str, dtypes))}; use one dtype")
     devices = {p.device for _, p in chosen}
     if len(devices) > 1:
         raise ValueError(f"selected parameters live on several devices {sorted(map(str, devices))}")

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.func import functional_call, hessian, jacrev, vmap, grad
+from torch.func import functional_call, grad, hessian, jacrev, vmap
 
 
 def _math_sdpa(fn):
@@ -35,7 +34,7 @@ def param_dict(model, names):
 def _assemble(blocks, names, numels):
     """blocks[i][j] with shape (*p_i, *p_j) -> dense (d, d)."""
     rows = []
-    for i, ni in enumerate(names):
+    for i, _ni in enumerate(names):
         rows.append(torch.cat([blocks[i][j].reshape(numels[i], numels[j]) for j in range(len(names))], 1))
     return torch.cat(rows, 0)
 

@@ -15,10 +15,15 @@ TOL = 1e-10
 MODELS = ["mlp", "cnn", "residual", "transformer", "batchnorm"]
 LOSSES = [("ce", "mean"), ("ce", "sum"), ("mse", "mean"), ("mse", "sum"), ("bce", "mean"), ("bce", "sum")]
 # Keep the grid affordable: every loss on the MLP and CNN, two on the others.
-CASES = [(m, k, r) for m in MODELS for (k, r) in LOSSES if m in ("mlp", "cnn") or (k, r) in (("ce", "mean"), ("mse", "sum"))]
+CASES = [
+    (m, k, r)
+    for m in MODELS
+    for (k, r) in LOSSES
+    if m in ("mlp", "cnn") or (k, r) in (("ce", "mean"), ("mse", "sum"))
+]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def setup(model_name, kind, reduction):
     model, batches = make_batches(model_name, kind)
     loss_fn = loss_module(kind, reduction)
