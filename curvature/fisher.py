@@ -9,7 +9,6 @@ from torch import Tensor, nn
 
 from .losses import OutputCurvature
 from .output_space import OutputSpaceOperator
-from .params import ParamSpec
 
 __all__ = ["Fisher"]
 
@@ -46,30 +45,11 @@ class Fisher(OutputSpaceOperator):
         loss_fn: Callable[..., Tensor],
         data: Any,
         *,
-        params: ParamSpec = None,
-        reduction: str | None = None,
         mc_samples: int | None = None,
         generator: torch.Generator | None = None,
-        backend: str = "auto",
-        probe_batch_size: int | None = None,
-        cache_graph: bool | None = None,
-        allow_train_mode: bool = False,
-        check_finite: bool = True,
-        progress: bool = False,
+        **options: Any,
     ):
-        super().__init__(
-            model,
-            loss_fn,
-            data,
-            params=params,
-            reduction=reduction,
-            backend=backend,
-            probe_batch_size=probe_batch_size,
-            cache_graph=cache_graph,
-            allow_train_mode=allow_train_mode,
-            check_finite=check_finite,
-            progress=progress,
-        )
+        super().__init__(model, loss_fn, data, **options)
         if not self.loss_info.has_closed_form:
             raise ValueError(
                 f"Fisher needs a likelihood loss (CrossEntropyLoss, MSELoss or BCEWithLogitsLoss without class "

@@ -9,7 +9,6 @@ from torch import Tensor, nn
 
 from .functional import model_as_function
 from .model_operator import ModelOperator
-from .params import ParamSpec
 
 __all__ = ["Hessian", "HESSIAN_BACKENDS"]
 
@@ -23,23 +22,19 @@ class Hessian(ModelOperator):
     batch among all ``k`` columns; only the second backward is paid per column.
 
     Args:
-        model: the network (analysed as it is: call ``model.eval()`` first).
+        model: the network, analysed as it is (call ``model.eval()`` first).
         loss_fn: ``loss_fn(outputs, targets) -> scalar``, e.g. ``nn.CrossEntropyLoss()``.
-        data: one ``(inputs, targets)`` batch or a re-iterable of batches (a DataLoader).
-        params: parameter names, tensors or a predicate; default all that require grad.
-        reduction: ``"mean"`` or ``"sum"``; default ``loss_fn.reduction`` (else ``"mean"``).
-        backend: ``"double_backward"`` (reuse the first-order graph for each column),
-            ``"double_backward_vmap"`` (vmap the second backward over columns),
-            ``"forward_over_reverse"`` (``vmap(jvp(grad))``), or ``"auto"``: double backward,
-            which measured fastest on CPU (bench/operators.py).
-        probe_batch_size: at most this many columns per vmapped pass (bounds memory).
-        cache_graph: keep the first-order graph alive between products so repeated products
-            (Lanczos, probes) pay only the second backward. Default: on when ``data`` is a
-            single batch. The cache holds the backward graph (about one to two times the
-            activation memory); it is rebuilt when the parameters change in place, and freed by
-            :meth:`release` or by leaving a ``with`` block.
-        allow_train_mode: analyse a model in train mode with Dropout/BatchNorm (warns; buffers
-            are restored afterwards).
+        data: one ``(inputs, targets)`` batch or a re-iterable of batches (a DataLoader);
+            ``inputs`` may be a tensor, a tuple of tensors (positional) or a dict (keywords).
+        backend: ``"double_backward"`` (one second backward per column through the shared
+            graph), ``"double_backward_vmap"`` (the second backward vmapped over columns),
+            ``"forward_over_reverse"`` (``vmap(jvp(grad))``), or ``"auto"``
+            (see :meth:`resolved_backend`).
+        **options: ``params``, ``reduction``, ``probe_batch_size``, ``cache_graph``,
+            ``graph_cache_bytes``, ``allow_train_mode``, ``check_finite``, ``progress``; see
+            :class:`~curvature.model_operator.ModelOperator`. With the default graph cache, a
+            single batch's create-graph backward is kept (about one to two times the activation
+            memory), as PyHessian does, so repeated products pay only the second backward.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -56,30 +51,21 @@ class Hessian(ModelOperator):
         loss_fn: Callable[..., Tensor],
         data: Any,
         *,
-        params: ParamSpec = None,
-        reduction: str | None = None,
         backend: str = "auto",
-        probe_batch_size: int | None = None,
-        cache_graph: bool | None = None,
-        allow_train_mode: bool = False,
-        check_finite: bool = True,
-        progress: bool = False,
+        **options: Any,
     ):
         if backend not in HESSIAN_BACKENDS:
             raise ValueError(f"backend must be one of {HESSIAN_BACKENDS}, got {backend!r}")
-        super().__init__(
-            model,
-            loss_fn,
-            data,
-            params=params,
-            reduction=reduction,
-            probe_batch_size=probe_batch_size,
-            cache_graph=cache_graph,
-            allow_train_mode=allow_train_mode,
-            check_finite=check_finite,
-            progress=progress,
-        )
-        self.backend = "double_backward" if backend == "auto" else backend
+        super().__init__(model, loss_fn, data, **options)
+        self.backend = backend
+
+    def resolved_backend(self, k: int) -> str:
+        """The backend ``"auto"`` uses for a block of ``k`` columns on this operator's device."""
+        if self.backend != "auto":
+            return self.backend
+        # Measured (bench/operators.py): on CPU a loop of second backwards over the shared graph
+        # beats vmapping it (conv double-backward batches badly); on GPU batching fills the device.
+        return "double_backward_vmap" if (self.device.type == "cuda" and k > 1) else "double_backward"
 
     def gradient_graph(self, index: int, inputs: Any, targets: Any) -> list[Tensor]:
         """The batch loss's gradient per parameter, with its graph (zeros for unused parameters)."""
@@ -95,18 +81,19 @@ class Hessian(ModelOperator):
 
     # -- products -------------------------------------------------------------------------------
     def _batch_product(self, index: int, inputs: Any, targets: Any, V: list[Tensor]) -> list[Tensor]:
-        if self.backend == "forward_over_reverse":
+        k = V[0].shape[0]
+        backend = self.resolved_backend(k)
+        if backend == "forward_over_reverse":
             return self._forward_over_reverse(index, inputs, targets, V)
         grads = self.gradient_graph(index, inputs, targets)
         # Gradients that do not depend on the parameters (unused or linear ones) contribute nothing.
         live = [i for i, g in enumerate(grads) if g.requires_grad]
-        k = V[0].shape[0]
         out = [torch.zeros_like(v) for v in V]
         if not live:
             return out
         outputs = [grads[i] for i in live]
         with torch.enable_grad():
-            if self.backend == "double_backward_vmap":
+            if backend == "double_backward_vmap":
                 for cols in self._column_chunks(k):
                     res = torch.autograd.grad(
                         outputs, self.params, [V[i][cols] for i in live],

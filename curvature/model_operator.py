@@ -40,12 +40,53 @@ def _differentiable_kernels() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
+#: Default memory budget for cached graphs when the data has several batches.
+DEFAULT_GRAPH_CACHE_BYTES = 1 << 30
+
+
+def _measure_saved_bytes(build: Callable[[], Any], exclude: set[int]) -> tuple[Any, int]:
+    """Run ``build()`` and count the bytes of the distinct tensors its autograd graph saves,
+    leaving out storages in ``exclude`` (the model's own parameters and buffers)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        try:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # tensors without storage (functorch wrappers)
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        value = build()
+    return value, sum(size for ptr, size in seen.items() if ptr not in exclude)
+
+
 class ModelOperator(LinearOperator):
     """Base class of curvature operators of ``loss_fn(model(inputs), targets)`` over a dataset.
 
     The matrix is the curvature of the loss over ALL samples of ``data``: with a ``mean``
     reduction each batch's product is weighted by its number of samples (so a short last batch
     gives the same answer as one big batch); with ``sum`` the batch products are added.
+
+    Options shared by all model operators (keyword-only):
+
+    * ``params``: parameter names, tensors or a predicate ``(name, tensor) -> bool``; default all
+      parameters that require grad. The flat vector follows the model's parameter order
+      (:attr:`blocks`).
+    * ``reduction``: ``"mean"`` or ``"sum"``; default ``loss_fn.reduction`` (else ``"mean"``).
+    * ``probe_batch_size``: at most this many columns per batched pass (bounds memory).
+    * ``cache_graph``: keep the autograd graphs of the data between products, so repeated
+      products (Lanczos, Hutchinson probes) skip the forward (and, for the Hessian, the
+      create-graph backward). ``None`` (default): cache a single batch always, and the batches of
+      a data set while the graphs' saved tensors stay under ``graph_cache_bytes`` (1 GiB);
+      ``True``: cache all; ``False``: never. Cached graphs are rebuilt when a parameter changes
+      in place and are freed by :meth:`release` or on leaving a ``with`` block. Data must yield
+      the same batches in the same order on every pass (no shuffling), as for any operator.
+    * ``allow_train_mode``: analyse a model in train mode with Dropout/BatchNorm anyway (warns;
+      BatchNorm running statistics are restored after each product).
+    * ``check_finite``: raise on a NaN/inf loss or product, naming the batch (default on).
+    * ``progress``: a tqdm bar over the batches of each product.
 
     Subclasses implement :meth:`_batch_product`, the product for one batch's loss.
     """
@@ -60,6 +101,7 @@ class ModelOperator(LinearOperator):
         reduction: str | None = None,
         probe_batch_size: int | None = None,
         cache_graph: bool | None = None,
+        graph_cache_bytes: int = DEFAULT_GRAPH_CACHE_BYTES,
         allow_train_mode: bool = False,
         check_finite: bool = True,
         progress: bool = False,
@@ -86,14 +128,23 @@ class ModelOperator(LinearOperator):
         self.progress = progress
         self._single_batch = is_single_batch(data)
         self._data = as_batch_source(data)
-        self.cache_graph = self._single_batch if cache_graph is None else bool(cache_graph)
+        # None: cache every graph of a single batch, and a data set's graphs up to the budget.
+        self.cache_graph = True if (cache_graph is None and self._single_batch) else cache_graph
+        self.graph_cache_bytes = int(graph_cache_bytes)
         self._cache: dict[int, tuple[tuple[int, ...], Any]] = {}
+        self._cache_bytes = 0
         self._check_mode()
 
     # -- graph cache ----------------------------------------------------------------------------
     def release(self) -> None:
         """Free the cached autograd graphs (a later product rebuilds them)."""
         self._cache.clear()
+        self._cache_bytes = 0
+
+    @property
+    def cached_graph_bytes(self) -> int:
+        """Bytes of tensors saved by the cached autograd graphs (an estimate of the memory they hold)."""
+        return self._cache_bytes
 
     def __enter__(self) -> ModelOperator:
         return self
@@ -102,15 +153,21 @@ class ModelOperator(LinearOperator):
         self.release()
 
     def _cached(self, index: int, build: Callable[[], Any]) -> Any:
-        """``build()`` for batch ``index``, reused while ``cache_graph`` is on and no parameter changed."""
-        if not self.cache_graph:
+        """``build()`` for batch ``index``, kept while caching is on, the budget allows, and no parameter changed."""
+        if self.cache_graph is False:
             return build()
         versions = tuple(p._version for p in self.params)
         hit = self._cache.get(index)
         if hit is not None and hit[0] == versions:
             return hit[1]
-        value = build()
+        if hit is not None:  # parameters changed in place: every cached graph is stale
+            self.release()
+        if self.cache_graph is None and self._cache_bytes >= self.graph_cache_bytes:
+            return build()
+        own = {t.untyped_storage().data_ptr() for t in (*self.model.parameters(), *self.model.buffers())}
+        value, size = _measure_saved_bytes(build, own)
         self._cache[index] = (versions, value)
+        self._cache_bytes += size
         return value
 
     # -- checks -------------------------------------------------------------------------------
@@ -175,7 +232,7 @@ class ModelOperator(LinearOperator):
         """
 
     def _split(self, V: Tensor) -> list[Tensor]:
-        Vt = V.T
+        Vt = V.T.contiguous()  # columns as contiguous rows: strided grad_outputs slow down every kernel
         return [Vt[:, b.slice].reshape(V.shape[1], *b.shape) for b in self.blocks]
 
     def _column_chunks(self, k: int) -> Iterator[slice]:

@@ -11,7 +11,6 @@ from torch import Tensor, nn
 from .functional import model_as_function
 from .losses import OutputCurvature
 from .model_operator import ModelOperator
-from .params import ParamSpec
 
 __all__ = ["OutputSpaceOperator", "JACOBIAN_BACKENDS"]
 
@@ -32,29 +31,12 @@ class OutputSpaceOperator(ModelOperator):
         loss_fn: Callable[..., Tensor],
         data: Any,
         *,
-        params: ParamSpec = None,
-        reduction: str | None = None,
         backend: str = "auto",
-        probe_batch_size: int | None = None,
-        cache_graph: bool | None = None,
-        allow_train_mode: bool = False,
-        check_finite: bool = True,
-        progress: bool = False,
+        **options: Any,
     ):
         if backend not in JACOBIAN_BACKENDS:
             raise ValueError(f"backend must be one of {JACOBIAN_BACKENDS}, got {backend!r}")
-        super().__init__(
-            model,
-            loss_fn,
-            data,
-            params=params,
-            reduction=reduction,
-            probe_batch_size=probe_batch_size,
-            cache_graph=cache_graph,
-            allow_train_mode=allow_train_mode,
-            check_finite=check_finite,
-            progress=progress,
-        )
+        super().__init__(model, loss_fn, data, **options)
         self.backend = "vmap" if backend == "auto" else backend
 
     @abc.abstractmethod
