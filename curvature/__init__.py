@@ -9,10 +9,19 @@ from .empirical_fisher import EmpiricalFisher
 from .fisher import Fisher
 from .ggn import GGN
 from .hessian import Hessian
+from .inverse import CGInfo, CGInverse, inverse
 from .linear_operator import DenseOperator, LinearOperator, as_operator
+from .mfac import MFACInverse, collect_gradients
+from .sliding_mfac import SlidingMFACInverse
 
 __all__ = [
     "Block",
+    "CGInfo",
+    "CGInverse",
+    "MFACInverse",
+    "SlidingMFACInverse",
+    "collect_gradients",
+    "inverse",
     "DenseOperator",
     "EmpiricalFisher",
     "Fisher",
