@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any, Callable
 
 import torch
@@ -11,6 +13,16 @@ from .functional import model_as_function
 from .model_operator import ModelOperator
 
 __all__ = ["Hessian", "HESSIAN_BACKENDS"]
+
+logger = logging.getLogger(__name__)
+
+#: Columns the ``"auto"`` backend times each strategy on (once per operator).
+AUTOTUNE_COLUMNS = 8
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 HESSIAN_BACKENDS = ("auto", "double_backward", "double_backward_vmap", "forward_over_reverse")
 
@@ -28,8 +40,11 @@ class Hessian(ModelOperator):
             ``inputs`` may be a tensor, a tuple of tensors (positional) or a dict (keywords).
         backend: ``"double_backward"`` (one second backward per column through the shared
             graph), ``"double_backward_vmap"`` (the second backward vmapped over columns),
-            ``"forward_over_reverse"`` (``vmap(jvp(grad))``), or ``"auto"``
-            (see :meth:`resolved_backend`).
+            ``"forward_over_reverse"`` (``vmap(jvp(grad))``), or ``"auto"``: single columns use
+            the double backward; on the first block of several columns both double-backward
+            strategies are timed on its first columns and the faster is kept for the operator
+            (which one wins depends on the layers and the device; :meth:`resolved_backend`
+            tells the choice).
         **options: ``params``, ``reduction``, ``probe_batch_size``, ``cache_graph``,
             ``graph_cache_bytes``, ``allow_train_mode``, ``check_finite``, ``progress``; see
             :class:`~curvature.model_operator.ModelOperator`. With the default graph cache, a
@@ -58,14 +73,39 @@ class Hessian(ModelOperator):
             raise ValueError(f"backend must be one of {HESSIAN_BACKENDS}, got {backend!r}")
         super().__init__(model, loss_fn, data, **options)
         self.backend = backend
+        self._auto_choice: str | None = None
 
-    def resolved_backend(self, k: int) -> str:
-        """The backend ``"auto"`` uses for a block of ``k`` columns on this operator's device."""
+    def resolved_backend(self, k: int) -> str | None:
+        """The backend used for a block of ``k`` columns (``None``: ``"auto"`` has not chosen yet)."""
         if self.backend != "auto":
             return self.backend
-        # Measured (bench/operators.py): on CPU a loop of second backwards over the shared graph
-        # beats vmapping it (conv double-backward batches badly); on GPU batching fills the device.
-        return "double_backward_vmap" if (self.device.type == "cuda" and k > 1) else "double_backward"
+        if k == 1:
+            return "double_backward"
+        return self._auto_choice
+
+    def _autotune(self, outputs: list[Tensor], live: list[int], V: list[Tensor], out: list[Tensor]) -> int:
+        """Time both second-backward strategies on the first columns, keep the faster for this
+        operator, and keep the winner's results for those columns; return how many were done.
+
+        Measured (bench/operators.py) the winner depends on the layers and the device: vmapping
+        the second backward batches matrix products well but conv double-backward badly on CPU.
+        """
+        cols = slice(0, min(V[0].shape[0], self.probe_batch_size or AUTOTUNE_COLUMNS, AUTOTUNE_COLUMNS))
+        timings = {}
+        results = {}
+        for backend in ("double_backward", "double_backward_vmap"):
+            trial = [torch.zeros_like(v[cols]) for v in V]
+            _synchronize(self.device)
+            start = time.perf_counter()
+            self._second_backward(backend, outputs, live, [v[cols] for v in V], trial)
+            _synchronize(self.device)
+            timings[backend] = time.perf_counter() - start
+            results[backend] = trial
+        self._auto_choice = min(timings, key=timings.get)
+        logger.info("Hessian backend 'auto' chose %s (%s)", self._auto_choice, timings)
+        for o, r in zip(out, results[self._auto_choice]):
+            o[cols] = r
+        return cols.stop
 
     def gradient_graph(self, index: int, inputs: Any, targets: Any) -> list[Tensor]:
         """The batch loss's gradient per parameter, with its graph (zeros for unused parameters)."""
@@ -92,6 +132,23 @@ class Hessian(ModelOperator):
         if not live:
             return out
         outputs = [grads[i] for i in live]
+        done = 0
+        if backend is None:
+            done = self._autotune(outputs, live, V, out)
+            backend = self._auto_choice
+        if done < k:
+            rest = slice(done, k)
+            tail = [torch.zeros_like(v[rest]) for v in V]
+            self._second_backward(backend, outputs, live, [v[rest] for v in V], tail)
+            for o, t in zip(out, tail):
+                o[rest] = t
+        return out
+
+    def _second_backward(
+        self, backend: str, outputs: list[Tensor], live: list[int], V: list[Tensor], out: list[Tensor]
+    ) -> None:
+        """Write ``d(grad . v)/d params`` for each column of ``V`` into ``out`` (per parameter, ``(k, *shape)``)."""
+        k = V[0].shape[0]
         with torch.enable_grad():
             if backend == "double_backward_vmap":
                 for cols in self._column_chunks(k):
@@ -109,7 +166,6 @@ class Hessian(ModelOperator):
                     )
                     for j, r in enumerate(res):
                         out[j][c] = r
-        return out
 
     def _forward_over_reverse(self, index: int, inputs: Any, targets: Any, V: list[Tensor]) -> list[Tensor]:
         f = model_as_function(self.model, self.param_names, inputs)

@@ -73,14 +73,16 @@ def test_vector_and_block_products(model_name, op_name):
     assert ref.rel_err(op.flatten(out), expected @ v) <= TOL
 
 
-@pytest.mark.parametrize("backend", ["double_backward", "double_backward_vmap", "forward_over_reverse"])
+@pytest.mark.parametrize("backend", ["double_backward", "double_backward_vmap", "forward_over_reverse", "auto"])
 @pytest.mark.parametrize("model_name", ["cnn", "transformer", "batchnorm"])
 def test_hessian_backends(backend, model_name):
     model, batches, loss_fn, refs = setup(model_name, "ce", "mean")
-    V = torch.randn(refs["hessian"].shape[0], 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    V = torch.randn(refs["hessian"].shape[0], 11, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for data in (one_batch(batches), batches):
         H = Hessian(model, loss_fn, data, backend=backend, probe_batch_size=3)
         assert ref.rel_err(H @ V, refs["hessian"] @ V) <= TOL
+        assert H.resolved_backend(11) in ("double_backward", "double_backward_vmap", "forward_over_reverse")
+        assert ref.rel_err(H @ V[:, :5], refs["hessian"] @ V[:, :5]) <= TOL
 
 
 @pytest.mark.parametrize("backend", ["vmap", "loop"])
