@@ -41,10 +41,9 @@ class Hessian(ModelOperator):
         backend: ``"double_backward"`` (one second backward per column through the shared
             graph), ``"double_backward_vmap"`` (the second backward vmapped over columns),
             ``"forward_over_reverse"`` (``vmap(jvp(grad))``), or ``"auto"``: single columns use
-            the double backward; on the first block of several columns both double-backward
-            strategies are timed on its first columns and the faster is kept for the operator
-            (which one wins depends on the layers and the device; :meth:`resolved_backend`
-            tells the choice).
+            the double backward; on the first block of several columns all three strategies
+            are timed on its first 8 columns and the fastest is kept for the operator (which
+            one wins depends on the layers and the device; :meth:`resolved_backend` tells).
         **options: ``params``, ``reduction``, ``probe_batch_size``, ``cache_graph``,
             ``graph_cache_bytes``, ``allow_train_mode``, ``check_finite``, ``progress``; see
             :class:`~curvature.model_operator.ModelOperator`. With the default graph cache, a
@@ -83,26 +82,28 @@ class Hessian(ModelOperator):
             return "double_backward"
         return self._auto_choice
 
-    def _autotune(self, outputs: list[Tensor], live: list[int], V: list[Tensor], out: list[Tensor]) -> int:
-        """Time both second-backward strategies on the first columns, keep the faster for this
-        operator, and keep the winner's results for those columns; return how many were done.
+    def _autotune(self, index: int, inputs: Any, targets: Any, V: list[Tensor], out: list[Tensor]) -> int:
+        """Time the three strategies on the first columns, keep the fastest for this operator, and
+        keep its results for those columns; return how many columns were done.
 
-        Measured (bench/operators.py) the winner depends on the layers and the device: vmapping
-        the second backward batches matrix products well but conv double-backward badly on CPU.
+        Measured (bench/operators.py, bench/estimators.py) the winner depends on the layers and
+        the device: vmapped forward-over-reverse wins on a CPU tanh MLP, a loop of double
+        backwards through the shared graph on a CPU ReLU CNN.
         """
         cols = slice(0, min(V[0].shape[0], self.probe_batch_size or AUTOTUNE_COLUMNS, AUTOTUNE_COLUMNS))
-        timings = {}
-        results = {}
-        for backend in ("double_backward", "double_backward_vmap"):
-            trial = [torch.zeros_like(v[cols]) for v in V]
+        trial_V = [v[cols] for v in V]
+        timings, results = {}, {}
+        for backend in ("double_backward", "double_backward_vmap", "forward_over_reverse"):
             _synchronize(self.device)
             start = time.perf_counter()
-            self._second_backward(backend, outputs, live, [v[cols] for v in V], trial)
+            results[backend] = self._product_with(backend, index, inputs, targets, trial_V)
             _synchronize(self.device)
             timings[backend] = time.perf_counter() - start
-            results[backend] = trial
+        # The first double backward also built (or cached) the graph; do not charge it to that strategy.
         self._auto_choice = min(timings, key=timings.get)
         logger.info("Hessian backend 'auto' chose %s (%s)", self._auto_choice, timings)
+        if self._auto_choice == "forward_over_reverse":
+            self.release()  # forward-over-reverse never uses the cached first-order graph
         for o, r in zip(out, results[self._auto_choice]):
             o[cols] = r
         return cols.stop
@@ -123,25 +124,28 @@ class Hessian(ModelOperator):
     def _batch_product(self, index: int, inputs: Any, targets: Any, V: list[Tensor]) -> list[Tensor]:
         k = V[0].shape[0]
         backend = self.resolved_backend(k)
+        if backend is not None:
+            return self._product_with(backend, index, inputs, targets, V)
+        if self.cache_graph is not False:
+            self.gradient_graph(index, inputs, targets)  # build it outside the timed trials
+        out = [torch.zeros_like(v) for v in V]
+        done = self._autotune(index, inputs, targets, V, out)
+        if done < k:
+            rest = slice(done, k)
+            tail = self._product_with(self._auto_choice, index, inputs, targets, [v[rest] for v in V])
+            for o, t in zip(out, tail):
+                o[rest] = t
+        return out
+
+    def _product_with(self, backend: str, index: int, inputs: Any, targets: Any, V: list[Tensor]) -> list[Tensor]:
         if backend == "forward_over_reverse":
             return self._forward_over_reverse(index, inputs, targets, V)
         grads = self.gradient_graph(index, inputs, targets)
         # Gradients that do not depend on the parameters (unused or linear ones) contribute nothing.
         live = [i for i, g in enumerate(grads) if g.requires_grad]
         out = [torch.zeros_like(v) for v in V]
-        if not live:
-            return out
-        outputs = [grads[i] for i in live]
-        done = 0
-        if backend is None:
-            done = self._autotune(outputs, live, V, out)
-            backend = self._auto_choice
-        if done < k:
-            rest = slice(done, k)
-            tail = [torch.zeros_like(v[rest]) for v in V]
-            self._second_backward(backend, outputs, live, [v[rest] for v in V], tail)
-            for o, t in zip(out, tail):
-                o[rest] = t
+        if live:
+            self._second_backward(backend, [grads[i] for i in live], live, V, out)
         return out
 
     def _second_backward(
