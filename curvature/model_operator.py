@@ -245,20 +245,32 @@ class ModelOperator(LinearOperator):
         self._check_mode()
         k = V.shape[1]
         V_list = self._split(V)
-        total = torch.zeros(k, self.shape[0], dtype=self.dtype, device=self.device)
+        total = torch.empty(k, self.shape[0], dtype=self.dtype, device=self.device)
         num_samples = 0
         with self._preserved_state(), _differentiable_kernels():
             for index, inputs, targets, n in self.batches():
                 weight = n if self.loss_info.reduction == "mean" else 1
-                num_samples += n
                 parts = self._batch_product(index, inputs, targets, V_list)
-                flat = torch.cat([p.reshape(k, -1) for p in parts], dim=1)
-                if self.check_finite and not torch.isfinite(flat).all():
-                    raise FloatingPointError(f"{type(self).__name__} product is not finite on batch {index}")
-                total.add_(flat, alpha=weight)
-        if self.loss_info.reduction == "mean":
-            total /= num_samples
+                for block, part in zip(self.blocks, parts):
+                    dest = total[:, block.slice]
+                    if num_samples == 0:
+                        torch.mul(part.reshape(k, -1), weight, out=dest)
+                    else:
+                        dest.add_(part.reshape(k, -1), alpha=weight)
+                num_samples += n
+            if self.loss_info.reduction == "mean":
+                total /= num_samples
+            # One check per product; the batch is located only when it fails.
+            if self.check_finite and not torch.isfinite(total).all():
+                self._raise_non_finite(V_list)
         return total.T
+
+    def _raise_non_finite(self, V_list: list[Tensor]) -> None:
+        for index, inputs, targets, _ in self.batches():
+            parts = self._batch_product(index, inputs, targets, V_list)
+            if not all(torch.isfinite(p).all() for p in parts):
+                raise FloatingPointError(f"{type(self).__name__} product is not finite on batch {index}")
+        raise FloatingPointError(f"{type(self).__name__} product is not finite (it overflowed when summing batches)")
 
     @contextlib.contextmanager
     def _preserved_state(self) -> Iterator[None]:
