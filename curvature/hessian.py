@@ -96,7 +96,14 @@ class Hessian(ModelOperator):
         for backend in ("double_backward", "double_backward_vmap", "forward_over_reverse"):
             _synchronize(self.device)
             start = time.perf_counter()
-            results[backend] = self._product_with(backend, index, inputs, targets, trial_V)
+            try:
+                results[backend] = self._product_with(backend, index, inputs, targets, trial_V)
+            except (RuntimeError, NotImplementedError) as exc:
+                # Some ops lack forward-AD or batching rules (e.g. mse_loss's zero tangents under vmap).
+                if backend == "double_backward":
+                    raise
+                logger.info("Hessian backend 'auto': %s unavailable here (%s)", backend, exc)
+                continue
             _synchronize(self.device)
             timings[backend] = time.perf_counter() - start
         # The first double backward also built (or cached) the graph; do not charge it to that strategy.
