@@ -14,10 +14,13 @@ __all__ = ["DISTRIBUTIONS", "default_probe_batch_size", "draw_probes", "make_gen
 #: ``g`` Gaussian) is used internally by XTrace's improved estimator.
 DISTRIBUTIONS = ("rademacher", "normal")
 
-#: Without ``probe_batch_size``, all probes go in one product unless one ``(d, k)`` block in the
-#: operator's dtype would exceed this many bytes.  Curvature operators chunk their own work
-#: (``Hessian(probe_batch_size=)``), and wider blocks measured faster: on the 407k-parameter bench
-#: MLP, 100 probes in one block took 0.6-0.8x the time of blocks of 32.
+#: Most probe columns per product without ``probe_batch_size``.  Wider blocks measured faster
+#: (100 Hessian probes on the 407k-parameter bench MLP: one block of 100 took 0.6-0.9x the time of
+#: blocks of 32, two of 50 in between), but a vmapped operator holds per-column activations for
+#: the whole block unless it chunks (``Hessian(probe_batch_size=)``), so the default stays bounded.
+DEFAULT_MAX_PROBE_BATCH = 64
+
+#: Also cap one ``(d, k)`` probe block in the operator's dtype at this many bytes.
 DEFAULT_BLOCK_BYTES = 2**30
 
 #: Block size with ``rtol=``: the stopping rule is checked after each block.
@@ -27,16 +30,17 @@ DEFAULT_RTOL_PROBE_BATCH = 32
 def default_probe_batch_size(dim: int, num: int, *, itemsize: int = 4, rtol: bool = False) -> int:
     """Columns per product when the caller gives none.
 
-    ``num`` (all at once), capped so a ``(dim, k)`` block of ``itemsize``-byte entries stays within
-    1 GiB, and at 32 with ``rtol=``; at least 1.
+    ``min(num, 64)`` (32 with ``rtol=``), lowered so a ``(dim, k)`` block of ``itemsize``-byte
+    entries stays within 1 GiB; at least 1.  Callers split the probes into equal blocks of at most
+    this size (100 probes -> 2 x 50).
 
     Example:
         >>> default_probe_batch_size(1000, 100), default_probe_batch_size(10**9, 100)
-        (100, 1)
+        (64, 1)
         >>> default_probe_batch_size(1000, 100, rtol=True)
         32
     """
-    cap = max(1, DEFAULT_BLOCK_BYTES // (itemsize * max(dim, 1)))
+    cap = max(1, min(DEFAULT_MAX_PROBE_BATCH, DEFAULT_BLOCK_BYTES // (itemsize * max(dim, 1))))
     if rtol:
         cap = min(cap, DEFAULT_RTOL_PROBE_BATCH)
     return max(1, min(num, cap))

@@ -83,9 +83,9 @@ def trace(
             "improved" estimator.
         generator: the only source of randomness (a ``torch.Generator`` on the operator's device).
             ``None`` creates a fresh generator seeded from OS entropy; the global RNG is never used.
-        probe_batch_size: most columns per product; blocks are split evenly.  Default: all probes
-            in one product (the operator chunks its own work), unless a ``(d, k)`` block in the
-            operator's dtype would exceed 1 GiB; with ``rtol=``, blocks of 32.
+        probe_batch_size: most columns per product; the probes are split into equal blocks.
+            Default: 64 (32 with ``rtol=``), lowered so a ``(d, k)`` block in the operator's dtype
+            stays within 1 GiB.
         rtol: stop once ``stderr <= rtol * |value|`` (checked after each block, from 10 samples on);
             ``num_matvecs`` is then the maximum.  Hutch++ always spends its ``2M/3`` sketch
             products and stops early only in the residual phase.

@@ -223,6 +223,7 @@ def test_auto_is_unbiased_when_it_falls_back():
         ("hutchinson", 20, 7, [7, 7, 6]),
         ("hutchinson", 100, 32, [25, 25, 25, 25]),
         ("hutchinson", 50, None, [50]),
+        ("hutchinson", 100, None, [50, 50]),
         ("hutch++", 21, 4, [4, 3, 4, 3, 4, 3]),
         ("xtrace", 12, 4, [3, 3, 3, 3]),
         ("xtrace", 12, None, [6, 6]),
