@@ -212,7 +212,7 @@ def bench_eigs(name, model, loss_fn, batches, *, repeats, device):
     rows = []
     H = Hessian(model, loss_fn, data)
     try:
-        ref = spectra.eigsh(H, k=3, which="LM", tol=1e-10, max_steps=3000,
+        ref = spectra.eigsh(H, k=3, which="LM", tol=1e-10, max_iter=3000,
                             generator=torch.Generator().manual_seed(1))
         ref_vals = ref.eigenvalues
         for tol in (1e-6, 1e-3):
@@ -223,7 +223,7 @@ def bench_eigs(name, model, loss_fn, batches, *, repeats, device):
             t, res = timed(ours, repeats=repeats, device=device)
             rows.append({"case": f"{name}/1b", "method": f"spectra.eigsh LM tol={tol:g}", "seconds": t,
                          "matvecs": res.num_matvecs, "rel_err": rel_err(res.eigenvalues, ref_vals)})
-        t, res = timed(lambda: spectra.power_iteration(H, 3, generator=torch.Generator().manual_seed(0)),
+        t, res = timed(lambda: spectra.power_iteration(H, k=3, generator=torch.Generator().manual_seed(0)),
                        repeats=repeats, device=device)
         rows.append({"case": f"{name}/1b", "method": "spectra.power_iteration", "seconds": t,
                      "matvecs": res.num_matvecs, "rel_err": rel_err(res.eigenvalues, ref_vals)})

@@ -210,27 +210,54 @@ class _ScipyAdapter(LinearOperator):
         return torch.as_tensor(out, device=self._device).to(self._dtype)
 
 
-def as_operator(
-    op: Any, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
-) -> LinearOperator:
-    """Return ``op`` as a :class:`LinearOperator`.
+class _TorchMatmulAdapter(LinearOperator):
+    """Any object with ``shape``, ``dtype`` (a ``torch.dtype``), ``device`` and ``@`` on tensors."""
 
-    Accepts our operators (returned unchanged), a square ``torch.Tensor`` and a
-    ``scipy.sparse.linalg.LinearOperator`` (or anything with ``shape`` and ``matmat``, such as a
-    NumPy array); for the last, ``dtype`` defaults to float64 and ``device`` to CPU.
+    def __init__(self, op: Any):
+        super().__init__(op.shape[0], op.dtype, torch.device(getattr(op, "device", "cpu")))
+        self.op = op
+        self.is_symmetric = bool(getattr(op, "is_symmetric", True))
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self.op @ V
+
+
+def as_operator(
+    op: Any, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None, name: str = "op"
+) -> LinearOperator:
+    """Return ``op`` as a square :class:`LinearOperator` (the one adapter every package uses).
+
+    Accepts our operators (returned unchanged); a square floating-point ``torch.Tensor``; any
+    object with ``shape``, a ``torch.dtype`` ``dtype``, ``device`` and ``@`` on torch tensors (the
+    documented operator contract); and a ``scipy.sparse.linalg.LinearOperator`` or anything with
+    ``shape`` and ``matmat``, such as a NumPy array (``dtype`` defaults to float64 and ``device`` to
+    CPU for those). Errors name the argument (``name``).
 
     Example:
         >>> import numpy as np
         >>> as_operator(np.eye(2)).shape
         (2, 2)
+        >>> as_operator(torch.ones(2, 3))
+        Traceback (most recent call last):
+            ...
+        ValueError: op must be a square (d, d) operator, got shape (2, 3)
     """
     if isinstance(op, LinearOperator):
         return op
-    if isinstance(op, Tensor):
-        return DenseOperator(op)
     shape = getattr(op, "shape", None)
-    if shape is None or len(shape) != 2 or shape[0] != shape[1]:
-        raise TypeError(f"expected a square operator with .shape and @, got {type(op).__name__} with shape {shape}")
+    if shape is None or not (hasattr(op, "__matmul__") or hasattr(op, "matmat")):
+        raise TypeError(f"{name} must be an operator with .shape and @ (or a square matrix), got {type(op).__name__}")
+    shape = tuple(shape)
+    if len(shape) != 2 or shape[0] != shape[1]:
+        raise ValueError(f"{name} must be a square (d, d) operator, got shape {shape}")
+    if shape[0] < 1:
+        raise ValueError(f"{name} must have dimension d >= 1, got shape {shape}")
+    if isinstance(op, Tensor):
+        if not op.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {op.dtype}")
+        return DenseOperator(op)
+    if isinstance(getattr(op, "dtype", None), torch.dtype) and not hasattr(op, "matmat"):
+        return _TorchMatmulAdapter(op)
     if not hasattr(op, "matmat"):
         from scipy.sparse.linalg import aslinearoperator
 

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
 from curvature import LinearOperator
+from curvature.probes import draw_probes
 
-from .probes import draw_probes
+logger = logging.getLogger(__name__)
+
+#: With ``rtol=``, the error estimate is trusted only from this many samples on.
+MIN_SAMPLES_FOR_RTOL = 10
 
 
 class _NoBar:
@@ -107,9 +112,72 @@ def exact_diagonal(run: ProductRunner, batch: int) -> Tensor:
 
 
 def mean_and_stderr(samples: Tensor) -> tuple[float, float]:
-    """Sample mean and its standard error (``inf`` with a single sample)."""
+    """Sample mean and its standard error (``inf`` with a single sample, ``nan`` mean with none)."""
     n = samples.numel()
+    if n == 0:
+        return math.nan, math.inf
     mean = float(samples.mean())
     if n < 2:
         return mean, math.inf
     return mean, float(samples.std(correction=1)) / math.sqrt(n)
+
+
+def rtol_met(value: float, stderr: float, n: int, rtol: float | None) -> bool:
+    """The early-stopping rule of every estimator: ``stderr <= rtol·|value|`` from 10 samples on."""
+    return rtol is not None and n >= MIN_SAMPLES_FOR_RTOL and stderr <= rtol * abs(value)
+
+
+def run_blocks(
+    total: int,
+    batch: int,
+    step: Callable[[int], None],
+    *,
+    rtol: float | None = None,
+    status: Callable[[], tuple[float, float, int]] | None = None,
+    check_first: bool = False,
+    what: str = "estimate",
+) -> bool | None:
+    """The one estimator driver: ``step(size)`` for near-equal blocks adding up to ``total``.
+
+    With ``rtol``, ``status()`` returns ``(value, stderr, num_samples)`` and the loop stops as soon
+    as :func:`rtol_met` holds (also before the first block when ``check_first``, for estimators
+    that resume from a pilot). Returns whether the rule was met, or ``None`` without ``rtol``.
+    """
+    met = rtol is not None and check_first and rtol_met(*status(), rtol)
+    if not met:
+        for size in block_sizes(total, batch):
+            step(size)
+            if rtol is not None and rtol_met(*status(), rtol):
+                met = True
+                break
+    if rtol is None:
+        return None
+    if not met:
+        logger.info("%s: rtol=%g not reached within the matvec budget", what, rtol)
+    return met
+
+
+class SampleStream:
+    """Per-probe float64 samples gathered block by block; ``status()`` feeds :func:`run_blocks`."""
+
+    def __init__(self, initial: Tensor | None = None, *, offset: float = 0.0):
+        self.parts: list[Tensor] = [] if initial is None else [initial]
+        self.offset = offset
+
+    def add(self, x: Tensor) -> None:
+        self.parts.append(x)
+
+    @property
+    def samples(self) -> Tensor:
+        if len(self.parts) != 1:
+            self.parts = [torch.cat(self.parts)] if self.parts else [torch.zeros(0, dtype=torch.float64)]
+        return self.parts[0]
+
+    def status(self) -> tuple[float, float, int]:
+        x = self.samples
+        mean, err = mean_and_stderr(x)
+        return self.offset + mean, err, x.numel()
+
+    def mean_and_stderr(self) -> tuple[float, float]:
+        value, err, _ = self.status()
+        return value, err

@@ -5,22 +5,16 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from torch import Tensor
 
-from curvature import Block
+from curvature import Block, as_operator
 from curvature.blocks import group_blocks_by_module
+from curvature.checks import check_rtol
+from curvature.probes import make_generator
 
-from ._products import ProductRunner, block_sizes, column_dots, itemsize, mean_and_stderr
-from ._validation import (
-    as_square_operator,
-    check_distribution,
-    check_num_matvecs,
-    check_probe_batch_size,
-    check_rtol,
-)
-from .probes import default_probe_batch_size, make_generator
-from .results import TraceEstimate
-from .trace import MIN_SAMPLES_FOR_RTOL
+from ._products import ProductRunner, SampleStream, column_dots, itemsize, mean_and_stderr, run_blocks
+from ._validation import check_distribution, check_num_matvecs, check_probe_batch_size
+from .probes import default_probe_batch_size
+from .results import BlockTraceEstimates, TraceEstimate
 
 __all__ = ["block_traces"]
 
@@ -36,7 +30,7 @@ def block_traces(
     probe_batch_size: int | None = None,
     rtol: float | None = None,
     progress: bool = False,
-) -> dict[str, TraceEstimate]:
+) -> BlockTraceEstimates:
     """Hutchinson estimates of the trace of every diagonal block ``A_bb``, all from the same probes.
 
     Each probe ``v`` gives one sample ``v_bᵀ(Av)_b`` for every block ``b`` at once, so the whole
@@ -56,7 +50,9 @@ def block_traces(
             absolute value (per-block errors are reported but not targeted).
 
     Returns:
-        ``{name: TraceEstimate}`` in block order (module names with ``group_by_module=True``).
+        A :class:`BlockTraceEstimates`: ``{name: TraceEstimate}`` in block order (module names
+        with ``group_by_module=True``), with ``.total``, the trace of all the blocks together from
+        the same probes.
 
     Example:
         >>> from curvature.blocks import make_blocks
@@ -65,8 +61,10 @@ def block_traces(
         >>> res = block_traces(A, num_matvecs=4, blocks=bl, generator=torch.Generator().manual_seed(0))
         >>> {name: est.value for name, est in res.items()}
         {'fc.weight': 3.0, 'fc.bias': 3.0}
+        >>> res.total.value
+        6.0
     """
-    A = as_square_operator(op)
+    A = as_operator(op)
     num_matvecs = check_num_matvecs(num_matvecs, method="hutchinson")
     distribution = check_distribution(distribution)
     batch = check_probe_batch_size(probe_batch_size)
@@ -84,31 +82,30 @@ def block_traces(
     gen = make_generator(generator, A.device)
     batch = batch or default_probe_batch_size(d, num_matvecs, itemsize=itemsize(A.dtype), rtol=rtol is not None)
 
-    parts: dict[str, list[Tensor]] = {name: [] for name in groups}
-    met = False
+    streams = {name: SampleStream() for name in groups}
+    total = SampleStream()
     with ProductRunner(A, total=num_matvecs, progress=progress, desc="block traces") as run:
-        for size in block_sizes(num_matvecs, batch):
+
+        def step(size: int) -> None:
             V = run.probes(size, distribution, gen)
             AV = run(V)
+            block_sum = None
             for name, members in groups.items():
                 x = column_dots(V[members[0].slice], AV[members[0].slice])
                 for b in members[1:]:
                     x += column_dots(V[b.slice], AV[b.slice])
-                parts[name].append(x)
-            if rtol is not None:
-                total = sum(torch.cat(p) for p in parts.values())
-                value, stderr = mean_and_stderr(total)
-                if total.numel() >= MIN_SAMPLES_FOR_RTOL and stderr <= rtol * abs(value):
-                    met = True
-                    break
+                streams[name].add(x)
+                block_sum = x.clone() if block_sum is None else block_sum + x
+            total.add(block_sum)
+
+        met = run_blocks(num_matvecs, batch, step, rtol=rtol, status=total.status, what="block traces")
         used = run.num_matvecs
-    converged = None if rtol is None else met
-    out = {}
-    for name, p in parts.items():
-        samples = torch.cat(p)
-        value, stderr = mean_and_stderr(samples)
-        out[name] = TraceEstimate(value, stderr, used, "hutchinson", distribution, converged, samples)
-    return out
+
+    def estimate(stream: SampleStream) -> TraceEstimate:
+        value, stderr = mean_and_stderr(stream.samples)
+        return TraceEstimate(value, stderr, used, "hutchinson", distribution, met, stream.samples)
+
+    return BlockTraceEstimates({name: estimate(s) for name, s in streams.items()}, total=estimate(total))
 
 
 def _check_blocks(blocks: Any, dim: int) -> tuple[Block, ...]:

@@ -8,17 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._products import ProductRunner, block_sizes, exact_diagonal, itemsize
-from ._validation import (
-    as_square_operator,
-    check_choice,
-    check_distribution,
-    check_num_matvecs,
-    check_probe_batch_size,
-    require_symmetric,
-)
+from curvature import as_operator
+from curvature.checks import check_choice, check_rtol
+from curvature.probes import make_generator
+
+from ._products import ProductRunner, block_sizes, exact_diagonal, itemsize, run_blocks
+from ._validation import check_distribution, check_num_matvecs, check_probe_batch_size, require_symmetric
 from .lowrank import OrthonormalBasis, leave_one_out_directions
-from .probes import default_probe_batch_size, make_generator
+from .probes import default_probe_batch_size
 from .results import DiagonalEstimate
 
 __all__ = ["diagonal", "DIAGONAL_METHODS"]
@@ -37,6 +34,7 @@ def diagonal(
     distribution: str = "rademacher",
     generator: torch.Generator | None = None,
     probe_batch_size: int | None = None,
+    rtol: float | None = None,
     progress: bool = False,
 ) -> DiagonalEstimate:
     """Estimate ``diag(A)`` as a flat float64 ``(d,)`` tensor with per-entry standard errors.
@@ -53,6 +51,9 @@ def diagonal(
             reference for tests).
         distribution: ``"rademacher"`` (recommended) or ``"normal"`` (plain ``1/m`` average, unbiased).
         generator, probe_batch_size, progress: as in :func:`estimators.trace`.
+        rtol: (Hutchinson only) stop once the whole diagonal's relative error
+            ``‖stderr‖ / ‖value‖`` is at most ``rtol`` (checked after each block, from 10 probes on);
+            ``num_matvecs`` is then the maximum.
 
     Returns:
         A :class:`DiagonalEstimate`; ``.per_block()`` splits it into parameter-shaped tensors.
@@ -62,10 +63,13 @@ def diagonal(
         >>> diagonal(A, method="exact").value.tolist()
         [2.0, 3.0]
     """
-    A = as_square_operator(op)
-    method = check_choice(method, "method", DIAGONAL_METHODS)
+    A = as_operator(op)
+    method = check_choice(method, name="method", choices=DIAGONAL_METHODS)
     distribution = check_distribution(distribution)
     batch = check_probe_batch_size(probe_batch_size)
+    rtol = check_rtol(rtol)
+    if rtol is not None and method != "hutchinson":
+        raise ValueError(f"rtol= needs method='hutchinson' (got method={method!r})")
     d = A.shape[0]
     if method == "exact":
         if num_matvecs is not None:
@@ -84,40 +88,53 @@ def diagonal(
         if num_matvecs // 2 > d:
             raise ValueError(f"num_matvecs must be <= 2 d = {2 * d} for method='xdiag', got {num_matvecs}")
     gen = make_generator(generator, A.device)
-    batch = batch or default_probe_batch_size(d, num_matvecs, itemsize=itemsize(A.dtype))
+    batch = batch or default_probe_batch_size(d, num_matvecs, itemsize=itemsize(A.dtype), rtol=rtol is not None)
+    met = None
     with ProductRunner(A, total=num_matvecs, progress=progress, desc=f"diagonal ({method})") as run:
         if method == "hutchinson":
-            value, stderr = _hutchinson_diagonal(run, num_matvecs, distribution, gen, batch)
+            acc = _DiagonalAccumulator(d, A.device)
+
+            def step(size: int) -> None:
+                V = run.probes(size, distribution, gen)
+                acc.add(V, run(V))
+
+            met = run_blocks(num_matvecs, batch, step, rtol=rtol, status=acc.status, what="diagonal")
+            value, stderr = acc.result()
         else:
             value, stderr = _xdiag(run, num_matvecs // 2, distribution, gen, batch)
-    return DiagonalEstimate(value, stderr, run.num_matvecs, method, distribution, A.blocks)
+    return DiagonalEstimate(value, stderr, run.num_matvecs, method, distribution, A.blocks, met)
 
 
-def _hutchinson_diagonal(
-    run: ProductRunner, num: int, distribution: str, gen: torch.Generator, batch: int
-) -> tuple[Tensor, Tensor]:
-    d, device = run.op.shape[0], run.op.device
-    # Running mean and sum of squared deviations, merged per block (Chan et al.): stable even when
-    # the per-probe samples barely vary, e.g. a nearly diagonal matrix.
-    mean = torch.zeros(d, dtype=torch.float64, device=device)
-    m2 = torch.zeros(d, dtype=torch.float64, device=device)
-    n = 0
-    for size in block_sizes(num, batch):
-        V = run.probes(size, distribution, gen)
-        AV = run(V)
+class _DiagonalAccumulator:
+    """Running per-entry mean and sum of squared deviations of ``v ⊙ Av``, merged per block (Chan
+    et al.): stable even when the per-probe samples barely vary, e.g. a nearly diagonal matrix."""
+
+    def __init__(self, d: int, device: torch.device):
+        self.mean = torch.zeros(d, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(d, dtype=torch.float64, device=device)
+        self.n = 0
+
+    def add(self, V: Tensor, AV: Tensor) -> None:
+        d, size = V.shape
         for start in range(0, d, _ROW_CHUNK):
             rows = slice(start, start + _ROW_CHUNK)
             X = (V[rows] * AV[rows]).double()
             b_mean = X.mean(dim=1)
             b_m2 = ((X - b_mean[:, None]) ** 2).sum(dim=1)
-            delta = b_mean - mean[rows]
-            tot = n + size
-            mean[rows] += delta * (size / tot)
-            m2[rows] += b_m2 + delta**2 * (n * size / tot)
-        n += size
-    if n < 2:
-        return mean, torch.full_like(mean, math.inf)
-    return mean, (m2 / (n - 1)).sqrt() / math.sqrt(n)
+            delta = b_mean - self.mean[rows]
+            tot = self.n + size
+            self.mean[rows] += delta * (size / tot)
+            self.m2[rows] += b_m2 + delta**2 * (self.n * size / tot)
+        self.n += size
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        if self.n < 2:
+            return self.mean, torch.full_like(self.mean, math.inf)
+        return self.mean, (self.m2 / (self.n - 1)).sqrt() / math.sqrt(self.n)
+
+    def status(self) -> tuple[float, float, int]:
+        value, stderr = self.result()
+        return float(value.norm()), float(stderr.norm()), self.n
 
 
 def _xdiag(

@@ -6,19 +6,15 @@ import math
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from ._products import ProductRunner, block_sizes, column_dots, itemsize, mean_and_stderr
-from ._validation import (
-    as_square_operator,
-    check_distribution,
-    check_num_matvecs,
-    check_probe_batch_size,
-    check_rtol,
-)
-from .probes import default_probe_batch_size, make_generator
+from curvature import as_operator
+from curvature.checks import check_rtol
+from curvature.probes import make_generator
+
+from ._products import ProductRunner, SampleStream, column_dots, itemsize, run_blocks
+from ._validation import check_distribution, check_num_matvecs, check_probe_batch_size
+from .probes import default_probe_batch_size
 from .results import FrobeniusNormEstimate
-from .trace import MIN_SAMPLES_FOR_RTOL
 
 __all__ = ["frobenius_norm"]
 
@@ -52,7 +48,7 @@ def frobenius_norm(
         >>> est.value, est.squared, est.squared_stderr
         (5.0, 25.0, 0.0)
     """
-    A = as_square_operator(op)
+    A = as_operator(op)
     num_matvecs = check_num_matvecs(num_matvecs, method="hutchinson")
     distribution = check_distribution(distribution)
     batch = check_probe_batch_size(probe_batch_size)
@@ -61,21 +57,16 @@ def frobenius_norm(
     batch = batch or default_probe_batch_size(
         A.shape[0], num_matvecs, itemsize=itemsize(A.dtype), rtol=rtol is not None
     )
-    parts: list[Tensor] = []
-    met = False
+    stream = SampleStream()
     with ProductRunner(A, total=num_matvecs, progress=progress, desc="Frobenius norm") as run:
-        for size in block_sizes(num_matvecs, batch):
+
+        def step(size: int) -> None:
             AV = run(run.probes(size, distribution, gen))
-            parts.append(column_dots(AV, AV))
-            if rtol is not None:
-                x = torch.cat(parts)
-                sq, sq_err = mean_and_stderr(x)
-                if x.numel() >= MIN_SAMPLES_FOR_RTOL and sq_err <= rtol * abs(sq):
-                    met = True
-                    break
-    samples = torch.cat(parts)
-    sq, sq_err = mean_and_stderr(samples)
+            stream.add(column_dots(AV, AV))
+
+        met = run_blocks(num_matvecs, batch, step, rtol=rtol, status=stream.status, what="Frobenius norm")
+    sq, sq_err = stream.mean_and_stderr()
     norm = math.sqrt(max(sq, 0.0))
     stderr = sq_err / (2 * norm) if norm > 0 else (0.0 if sq_err == 0 else math.inf)
-    return FrobeniusNormEstimate(norm, stderr, sq, sq_err, run.num_matvecs, "hutchinson", distribution,
-                                 None if rtol is None else met, samples)
+    return FrobeniusNormEstimate(norm, stderr, sq, sq_err, run.num_matvecs, "hutchinson", distribution, met,
+                                 stream.samples)

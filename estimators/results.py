@@ -11,7 +11,7 @@ from torch import Tensor
 
 from curvature import Block
 
-__all__ = ["TraceEstimate", "DiagonalEstimate", "FrobeniusNormEstimate"]
+__all__ = ["BlockTraceEstimates", "DiagonalEstimate", "Estimate", "FrobeniusNormEstimate", "TraceEstimate"]
 
 
 def _z(level: float) -> float:
@@ -20,8 +20,34 @@ def _z(level: float) -> float:
     return NormalDist().inv_cdf(0.5 + level / 2)
 
 
+class Estimate:
+    """Base of every stochastic estimate in the toolkit (traces, diagonals, norms, spectral sums).
+
+    Every estimate has ``value``, ``stderr`` (one convention everywhere: ``0.0`` when the value is
+    exact, ``inf`` when it cannot be estimated, e.g. from a single sample), ``num_matvecs`` (its
+    cost in operator columns), ``method`` and ``samples`` (the per-sample values it averages, or
+    ``None``), and a normal-approximation :meth:`confidence_interval`. Subclasses are frozen
+    dataclasses that declare these fields.
+
+    Example:
+        >>> isinstance(TraceEstimate(1.0, 0.0, 4, "exact", "unit"), Estimate)
+        True
+    """
+
+    value: float | Tensor
+    stderr: float | Tensor
+    num_matvecs: int
+    method: str
+    samples: Tensor | None
+
+    def confidence_interval(self, level: float = 0.95) -> Tuple[float, float]:
+        """Normal-approximation interval ``value ± z·stderr`` at the given coverage ``level``."""
+        half = _z(level) * self.stderr
+        return (self.value - half, self.value + half)
+
+
 @dataclass(frozen=True)
-class TraceEstimate:
+class TraceEstimate(Estimate):
     """An estimate of ``tr(A)``.
 
     Attributes:
@@ -50,11 +76,6 @@ class TraceEstimate:
     converged: bool | None = None
     samples: Tensor | None = field(default=None, repr=False, compare=False)
 
-    def confidence_interval(self, level: float = 0.95) -> Tuple[float, float]:
-        """Normal-approximation interval ``value ± z·stderr`` at the given coverage ``level``."""
-        half = _z(level) * self.stderr
-        return (self.value - half, self.value + half)
-
     @property
     def relative_stderr(self) -> float:
         """``stderr / |value|`` (``inf`` for a zero value with nonzero error)."""
@@ -69,8 +90,27 @@ class TraceEstimate:
         return f"{self.value:.6g} ± {self.stderr:.2g} ({self.method}, {self.num_matvecs} matvecs)"
 
 
+class BlockTraceEstimates(dict):
+    """``{block name: TraceEstimate}`` from :func:`estimators.block_traces`, plus :attr:`total`.
+
+    A plain ``dict`` in block order, so existing code that iterates or indexes it keeps working;
+    ``total`` is the trace of the union of the blocks estimated from the very same probes (its
+    samples are the per-probe sums over blocks, so its error bar accounts for their correlation).
+
+    Example:
+        >>> t = TraceEstimate(1.0, 0.0, 2, "hutchinson", "rademacher")
+        >>> res = BlockTraceEstimates({"a": t}, total=t)
+        >>> res["a"].value, res.total.value
+        (1.0, 1.0)
+    """
+
+    def __init__(self, estimates: dict[str, TraceEstimate], *, total: TraceEstimate):
+        super().__init__(estimates)
+        self.total = total
+
+
 @dataclass(frozen=True, eq=False)
-class DiagonalEstimate:
+class DiagonalEstimate(Estimate):
     """An estimate of ``diag(A)`` as a flat float64 ``(d,)`` tensor with per-entry standard errors.
 
     Attributes:
@@ -80,6 +120,8 @@ class DiagonalEstimate:
         method: ``"hutchinson"``, ``"xdiag"`` or ``"exact"``.
         distribution: probe distribution (``"unit"`` when exact).
         blocks: the operator's parameter blocks, used by :meth:`per_block`.
+        converged: with ``rtol=``, whether ``‖stderr‖ <= rtol·‖value‖`` was reached; else ``None``.
+        samples: not kept for diagonals (``None``): they would take ``d`` floats per probe.
 
     Example:
         >>> import torch
@@ -96,6 +138,8 @@ class DiagonalEstimate:
     method: str
     distribution: str
     blocks: Tuple[Block, ...] = ()
+    converged: bool | None = None
+    samples: Tensor | None = field(default=None, repr=False, compare=False)
 
     def per_block(self) -> dict[str, Tensor]:
         """The diagonal split into parameter-shaped tensors, keyed by block name."""
@@ -105,11 +149,6 @@ class DiagonalEstimate:
         """The standard errors split into parameter-shaped tensors, keyed by block name."""
         return {b.name: self.stderr[b.slice].reshape(b.shape) for b in self._blocks()}
 
-    def confidence_interval(self, level: float = 0.95) -> Tuple[Tensor, Tensor]:
-        """Per-entry normal-approximation interval ``value ± z·stderr``."""
-        half = _z(level) * self.stderr
-        return (self.value - half, self.value + half)
-
     def _blocks(self) -> Tuple[Block, ...]:
         if self.blocks:
             return tuple(self.blocks)
@@ -117,7 +156,7 @@ class DiagonalEstimate:
 
 
 @dataclass(frozen=True)
-class FrobeniusNormEstimate:
+class FrobeniusNormEstimate(Estimate):
     """An estimate of the Frobenius norm ``‖A‖_F`` and of its square.
 
     ``squared`` (the mean of ``‖Av‖²`` over probes) is the unbiased quantity; ``value`` is its

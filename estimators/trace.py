@@ -9,18 +9,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._products import ProductRunner, block_sizes, column_dots, exact_diagonal, itemsize, mean_and_stderr
-from ._validation import (
-    as_square_operator,
-    check_choice,
-    check_distribution,
-    check_num_matvecs,
-    check_probe_batch_size,
-    check_rtol,
-    require_symmetric,
+from curvature import as_operator
+from curvature.checks import check_choice, check_rtol
+from curvature.probes import make_generator
+
+from ._products import (
+    MIN_SAMPLES_FOR_RTOL,
+    ProductRunner,
+    SampleStream,
+    block_sizes,
+    column_dots,
+    exact_diagonal,
+    itemsize,
+    mean_and_stderr,
+    run_blocks,
 )
+from ._validation import check_distribution, check_num_matvecs, check_probe_batch_size, require_symmetric
 from .lowrank import OrthonormalBasis, XTraceSketch
-from .probes import default_probe_batch_size, make_generator
+from .probes import default_probe_batch_size
 from .results import TraceEstimate
 
 __all__ = ["trace", "TRACE_METHODS"]
@@ -29,8 +35,7 @@ logger = logging.getLogger(__name__)
 
 TRACE_METHODS = ("hutchinson", "hutch++", "xtrace", "auto")
 
-#: With ``rtol=``, the error estimate is trusted only from this many samples on.
-MIN_SAMPLES_FOR_RTOL = 10
+__all__ += ["MIN_SAMPLES_FOR_RTOL"]
 
 #: Below this budget ``method="auto"`` uses Hutchinson: the pilot would cost too large a share.
 AUTO_MIN_MATVECS = 16
@@ -103,8 +108,8 @@ def trace(
         >>> est.value, est.stderr, est.num_matvecs
         (10.0, 0.0, 8)
     """
-    A = as_square_operator(op)
-    method = check_choice(method, "method", TRACE_METHODS)
+    A = as_operator(op)
+    method = check_choice(method, name="method", choices=TRACE_METHODS)
     distribution = check_distribution(distribution)
     multiple = {"hutch++": 3, "xtrace": 2}.get(method, 1)
     num_matvecs = check_num_matvecs(num_matvecs, method=method, multiple=multiple, minimum=multiple)
@@ -121,30 +126,17 @@ def trace(
     with ProductRunner(A, total=min(num_matvecs, d) if method == "auto" else num_matvecs,
                        progress=progress, desc=f"trace ({method})") as run:
         if method == "hutchinson":
-            return _hutchinson(run, num_matvecs, distribution, gen, batch, rtol, name="hutchinson",
-                               reported=distribution)
+            return _hutchinson(run, num_matvecs, distribution, gen, batch, rtol, name="hutchinson")
         if method == "hutch++":
             return _hutchpp(run, num_matvecs, distribution, gen, batch, rtol)
         if method == "xtrace":
             return _xtrace(run, XTraceSketch(run, gen, _xtrace_distribution(distribution)), num_matvecs,
-                           batch, rtol, name="xtrace", reported=distribution)
+                           batch, rtol, name="xtrace")
         return _auto(run, num_matvecs, distribution, gen, batch, rtol)
 
 
 def _xtrace_distribution(distribution: str) -> str:
     return "sphere" if distribution == "normal" else "rademacher"
-
-
-def _rtol_met(value: float, stderr: float, n: int, rtol: float | None) -> bool:
-    return rtol is not None and n >= MIN_SAMPLES_FOR_RTOL and stderr <= rtol * abs(value)
-
-
-def _converged(rtol: float | None, met: bool) -> bool | None:
-    if rtol is None:
-        return None
-    if not met:
-        logger.info("trace: rtol=%g not reached within the matvec budget", rtol)
-    return met
 
 
 def _hutchinson(
@@ -156,25 +148,18 @@ def _hutchinson(
     rtol: float | None,
     *,
     name: str,
-    reported: str,
     samples: Tensor | None = None,
 ) -> TraceEstimate:
-    parts = [samples] if samples is not None else []
-    met = False
-    if samples is not None:
-        met = _rtol_met(*mean_and_stderr(samples), samples.numel(), rtol)
-    if not met:
-        for size in block_sizes(budget - run.num_matvecs, batch):
-            V = run.probes(size, distribution, gen)
-            parts.append(column_dots(V, run(V)))
-            if rtol is not None:
-                allx = torch.cat(parts)
-                if _rtol_met(*mean_and_stderr(allx), allx.numel(), rtol):
-                    met = True
-                    break
-    allx = torch.cat(parts)
-    value, stderr = mean_and_stderr(allx)
-    return TraceEstimate(value, stderr, run.num_matvecs, name, reported, _converged(rtol, met), allx)
+    stream = SampleStream(samples)
+
+    def step(size: int) -> None:
+        V = run.probes(size, distribution, gen)
+        stream.add(column_dots(V, run(V)))
+
+    met = run_blocks(budget - run.num_matvecs, batch, step, rtol=rtol, status=stream.status,
+                     check_first=samples is not None, what=f"trace ({name})")
+    value, stderr = stream.mean_and_stderr()
+    return TraceEstimate(value, stderr, run.num_matvecs, name, distribution, met, stream.samples)
 
 
 def _hutchpp(
@@ -195,53 +180,35 @@ def _hutchpp(
         t_low += float(column_dots(Qb, run(Qb.to(op.dtype))).sum())
         start += size
     if k == d:
-        return TraceEstimate(t_low, 0.0, run.num_matvecs, "hutch++", distribution, _converged(rtol, True),
+        return TraceEstimate(t_low, 0.0, run.num_matvecs, "hutch++", distribution, True if rtol is not None else None,
                              torch.zeros(0, dtype=torch.float64))
-    parts: list[Tensor] = []
-    met = False
-    for size in block_sizes(budget - run.num_matvecs, batch):
+    residual = SampleStream(offset=t_low)
+
+    def step(size: int) -> None:
         G = run.probes(size, distribution, gen).double()
         G -= Q @ (Q.T @ G)
         G = G.to(op.dtype)
-        parts.append(column_dots(G, run(G)))
-        if rtol is not None:
-            res = torch.cat(parts)
-            r_mean, r_err = mean_and_stderr(res)
-            if _rtol_met(t_low + r_mean, r_err, res.numel(), rtol):
-                met = True
-                break
-    res = torch.cat(parts)
-    r_mean, r_err = mean_and_stderr(res)
-    return TraceEstimate(t_low + r_mean, r_err, run.num_matvecs, "hutch++", distribution,
-                         _converged(rtol, met), res)
+        residual.add(column_dots(G, run(G)))
+
+    met = run_blocks(budget - run.num_matvecs, batch, step, rtol=rtol, status=residual.status, what="trace (hutch++)")
+    value, stderr = residual.mean_and_stderr()
+    return TraceEstimate(value, stderr, run.num_matvecs, "hutch++", distribution, met, residual.samples)
 
 
 def _xtrace(
-    run: ProductRunner,
-    sketch: XTraceSketch,
-    budget: int,
-    batch: int,
-    rtol: float | None,
-    *,
-    name: str,
-    reported: str,
+    run: ProductRunner, sketch: XTraceSketch, budget: int, batch: int, rtol: float | None, *, name: str
 ) -> TraceEstimate:
     target = sketch.size + (budget - run.num_matvecs) // 2
-    met = False
-    if rtol is not None and sketch.size:
+
+    def status() -> tuple[float, float, int]:
         est = sketch.estimates()
-        met = _rtol_met(*mean_and_stderr(est), est.numel(), rtol)
-    if not met:
-        for size in block_sizes(target - sketch.size, batch):
-            sketch.add(size)
-            if rtol is not None:
-                est = sketch.estimates()
-                if _rtol_met(*mean_and_stderr(est), est.numel(), rtol):
-                    met = True
-                    break
+        return (*mean_and_stderr(est), est.numel())
+
+    met = run_blocks(target - sketch.size, batch, sketch.add, rtol=rtol, status=status,
+                     check_first=sketch.size > 0, what=f"trace ({name})")
     est = sketch.estimates()
     value, stderr = mean_and_stderr(est)
-    return TraceEstimate(value, stderr, run.num_matvecs, name, reported, _converged(rtol, met), est)
+    return TraceEstimate(value, stderr, run.num_matvecs, name, sketch.distribution, met, est)
 
 
 def _auto(
@@ -253,8 +220,7 @@ def _auto(
         return TraceEstimate(float(diag.sum()), 0.0, run.num_matvecs, "auto:exact", "unit",
                              True if rtol is not None else None, diag)
     if budget < AUTO_MIN_MATVECS or not getattr(run.op, "is_symmetric", True):
-        return _hutchinson(run, budget, distribution, gen, batch, rtol, name="auto:hutchinson",
-                           reported=distribution)
+        return _hutchinson(run, budget, distribution, gen, batch, rtol, name="auto:hutchinson")
     pilot_dist = _xtrace_distribution(distribution)
     sketch = XTraceSketch(run, gen, pilot_dist)
     pilot = min(max(4, budget // AUTO_PILOT_DIVISOR), 32)
@@ -266,6 +232,7 @@ def _auto(
     logger.debug("trace(auto): pilot of %d test vectors, XTrace error %.3g vs Hutchinson %.3g -> %s",
                  pilot, err_x, err_h, "xtrace" if use_xtrace else "hutchinson")
     if use_xtrace:
-        return _xtrace(run, sketch, budget, batch, rtol, name="auto:xtrace", reported=distribution)
+        return _xtrace(run, sketch, budget, batch, rtol, name="auto:xtrace")
+    # The fallback keeps drawing from the pilot's distribution, so its samples stay exchangeable.
     return _hutchinson(run, budget, pilot_dist, gen, batch, rtol, name="auto:hutchinson",
-                       reported=distribution, samples=sketch.hutchinson_samples)
+                       samples=sketch.hutchinson_samples)

@@ -1,64 +1,15 @@
-"""Private helpers shared by the spectra modules: operator checks, probes, orthogonalization."""
+"""Private numerics shared by the spectra modules: precision, breakdown thresholds, orthogonalization.
+
+Operator adaptation, argument checks and probes come from the core (``curvature.as_operator``,
+``curvature.checks``, ``curvature.probes``), like everywhere else in the toolkit.
+"""
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from curvature import LinearOperator, as_operator
-
 __all__: list[str] = []
-
-
-def as_square_operator(op: Any, *, name: str = "op") -> LinearOperator:
-    """``curvature.as_operator`` plus argument-named errors for non-square or shapeless input."""
-    shape = getattr(op, "shape", None)
-    if shape is None:
-        raise TypeError(
-            f"{name} must be a square operator with .shape and @, got {type(op).__name__}"
-        )
-    if len(shape) != 2 or shape[0] != shape[1]:
-        raise ValueError(f"{name} must be square (d, d), got shape {tuple(shape)}")
-    if shape[0] < 1:
-        raise ValueError(f"{name} must have dimension d >= 1, got shape {tuple(shape)}")
-    return as_operator(op)
-
-
-def check_positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def check_generator(generator: Any) -> torch.Generator | None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
-        )
-    return generator
-
-
-def rademacher(
-    d: int, k: int, *, dtype: torch.dtype, device: torch.device, generator: torch.Generator | None
-) -> Tensor:
-    """A ``(d, k)`` matrix of random signs.
-
-    Drawn on the generator's device (CPU for a CPU generator) and then moved, so that a CPU
-    generator gives the same probes whatever device the operator lives on.
-    """
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    signs = torch.randint(0, 2, (d, k), generator=generator, device=gen_device, dtype=torch.int8)
-    return signs.to(dtype=dtype, device=device) * 2 - 1
-
-
-def draw_seed(generator: torch.Generator | None) -> int:
-    """One 62-bit seed from ``generator`` (or the global RNG: consumed, never reseeded)."""
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    return int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device).item())
 
 
 def eps_of(dtype: torch.dtype) -> float:

@@ -8,17 +8,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ._utils import (
-    as_square_operator,
-    check_generator,
-    check_positive_int,
-    column_norm64,
-    default_breakdown_tol,
-    orthogonalize_,
-    rademacher,
-    row_dot64,
-    row_norm64,
-)
+from curvature import as_operator
+from curvature.checks import check_choice, check_count, check_tolerance, renamed_option
+from curvature.probes import draw_probes, make_generator
+
+from ._utils import column_norm64, default_breakdown_tol, orthogonalize_, row_dot64, row_norm64
 from .results import EigenResult
 
 __all__ = ["eigsh"]
@@ -47,10 +41,11 @@ def eigsh(
     k: int = 1,
     which: Literal["LA", "SA", "LM"] = "LA",
     tol: float = 1e-6,
-    max_steps: int | None = None,
+    max_iter: int | None = None,
     num_lanczos_vectors: int | None = None,
     v0: Tensor | None = None,
     generator: torch.Generator | None = None,
+    max_steps: int | None = None,
 ) -> EigenResult:
     """``k`` extreme eigenpairs of a symmetric operator by thick-restarted Lanczos.
 
@@ -72,12 +67,14 @@ def eigsh(
             largest magnitude.
         tol: relative residual tolerance (see above); it cannot be met below the operator's
             precision (about ``1e-6`` for float32 products).
-        max_steps: cap on operator products over all restarts; default
-            ``max(1000, 30 · basis size)``.
-            Pairs not converged by then are returned with ``converged=False``.
+        max_iter: cap on operator products (Lanczos steps) over all restarts; default
+            ``max(1000, 30 · basis size)``. Pairs not converged by then are returned with
+            ``converged=False``.
         num_lanczos_vectors: basis size (ARPACK's ``ncv``); default ``min(d, max(2k + 1, k + 20))``.
         v0: start vector ``(d,)``; default a Rademacher vector from ``generator``.
-        generator: source of the start vector and of restart vectors after a breakdown.
+        generator: source of the start vector and of restart vectors after a breakdown
+            (default: a fresh OS-seeded generator; the global RNG is never used).
+        max_steps: deprecated name of ``max_iter``.
 
     Returns:
         :class:`EigenResult` with eigenvalues ordered by ``which``.
@@ -88,21 +85,20 @@ def eigsh(
         >>> [round(v, 6) for v in res.eigenvalues.tolist()], res.all_converged
         ([30.0, 29.0], True)
     """
-    A = as_square_operator(op)
+    A = as_operator(op)
     d = A.shape[0]
     dtype, device = A.dtype, A.device
-    k = check_positive_int(k, "k")
+    k = check_count(k, name="k")
     if k > d:
         raise ValueError(f"k={k} exceeds the operator dimension d={d}")
-    if which not in _WHICH:
-        raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
-    if not (isinstance(tol, (int, float)) and tol > 0):
-        raise ValueError(f"tol must be a positive number, got {tol!r}")
-    check_generator(generator)
+    which = check_choice(which, name="which", choices=_WHICH)
+    tol = check_tolerance(tol)
+    max_steps = renamed_option(max_iter, max_steps, new="max_iter", old="max_steps", where="eigsh")
+    generator = make_generator(generator, device)
     if num_lanczos_vectors is None:
         m = default_num_lanczos_vectors(k, d)
     else:
-        m = check_positive_int(num_lanczos_vectors, "num_lanczos_vectors")
+        m = check_count(num_lanczos_vectors, name="num_lanczos_vectors")
         if m > d:
             raise ValueError(f"num_lanczos_vectors={m} exceeds the operator dimension d={d}")
         if m <= k and m < d:
@@ -110,9 +106,9 @@ def eigsh(
     if max_steps is None:
         max_steps = max(1000, 30 * m)
     else:
-        max_steps = check_positive_int(max_steps, "max_steps")
+        max_steps = check_count(max_steps, name="max_iter")
         if max_steps < k:
-            raise ValueError(f"max_steps={max_steps} must be at least k={k}")
+            raise ValueError(f"max_iter={max_steps} must be at least k={k}")
 
     if v0 is not None:
         if not isinstance(v0, Tensor):
@@ -123,7 +119,7 @@ def eigsh(
         if not torch.isfinite(q).all() or column_norm64(q).item() == 0:
             raise ValueError("v0 must be finite and non-zero")
     else:
-        q = rademacher(d, 1, dtype=dtype, device=device, generator=generator)
+        q = draw_probes(d, 1, "rademacher", dtype=dtype, device=device, generator=generator)
     bd_tol = default_breakdown_tol(dtype)
 
     Q = torch.zeros(m + 1, d, dtype=dtype, device=device)
@@ -156,7 +152,7 @@ def eigsh(
                 # a random direction orthogonal to the basis with a zero coupling.
                 b = 0.0
                 if j + 1 < d:
-                    r = rademacher(d, 1, dtype=dtype, device=device, generator=generator).reshape(1, d)
+                    r = draw_probes(d, 1, "rademacher", dtype=dtype, device=device, generator=generator).reshape(1, d)
                     orthogonalize_(r, Q[: j + 1].unsqueeze(0))
                     Q[j + 1] = r[0] / float(row_norm64(r))
                 else:
@@ -200,7 +196,7 @@ def eigsh(
     )
     if not bool(converged.all()):
         logger.warning(
-            "eigsh: %d of %d pairs not converged after %d products (max_steps=%d)",
+            "eigsh: %d of %d pairs not converged after %d products (max_iter=%d)",
             int((~converged).sum()),
             k,
             num_mv,

@@ -9,17 +9,11 @@ from typing import Any, Callable, Literal
 import torch
 from torch import Tensor
 
-from ._utils import (
-    as_square_operator,
-    check_generator,
-    check_positive_int,
-    column_norm64,
-    default_breakdown_tol,
-    orthogonalize_,
-    rademacher,
-    row_dot64,
-    row_norm64,
-)
+from curvature import as_operator
+from curvature.checks import check_count
+from curvature.probes import draw_probes, make_generator
+
+from ._utils import column_norm64, default_breakdown_tol, orthogonalize_, row_dot64, row_norm64
 
 __all__ = ["LanczosResult", "lanczos"]
 
@@ -123,7 +117,7 @@ def _fresh_directions(
     generator: torch.Generator | None,
 ) -> Tensor:
     """Random unit rows ``(p, d)`` orthogonal to the rows of ``against`` (``(p, j, d)``), one per probe."""
-    R = rademacher(d, against.shape[0], dtype=dtype, device=device, generator=generator).T.contiguous()
+    R = draw_probes(d, against.shape[0], "rademacher", dtype=dtype, device=device, generator=generator).T.contiguous()
     orthogonalize_(R, against)
     return R / row_norm64(R).to(dtype)[:, None]
 
@@ -176,11 +170,11 @@ def lanczos(
         >>> res.alpha.shape, res.num_matvecs
         (torch.Size([4, 2]), 8)
     """
-    A = as_square_operator(op)
+    A = as_operator(op)
     d = A.shape[0]
     dtype, device = A.dtype, A.device
-    num_steps = check_positive_int(num_steps, "num_steps")
-    check_generator(generator)
+    num_steps = check_count(num_steps, name="num_steps")
+    generator = make_generator(generator, device)
     if reorthogonalize not in ("full", "none"):
         raise ValueError(f"reorthogonalize must be 'full' or 'none', got {reorthogonalize!r}")
     if breakdown_tol is None:
@@ -195,8 +189,8 @@ def lanczos(
                 f"num_probes={num_probes} does not match v0 with {V.shape[1]} column(s)"
             )
     else:
-        num_probes = check_positive_int(1 if num_probes is None else num_probes, "num_probes")
-        V = rademacher(d, num_probes, dtype=dtype, device=device, generator=generator)
+        num_probes = check_count(1 if num_probes is None else num_probes, name="num_probes")
+        V = draw_probes(d, num_probes, "rademacher", dtype=dtype, device=device, generator=generator)
     p = V.shape[1]
 
     m = min(num_steps, d)

@@ -7,10 +7,8 @@ from typing import Any, Sequence, Union
 import torch
 from torch import Tensor
 
-from curvature import Block, LinearOperator
+from curvature import Block, LinearOperator, as_operator
 from curvature.blocks import make_blocks
-
-from ._utils import as_square_operator
 
 __all__ = ["RestrictedOperator", "restrict"]
 
@@ -112,4 +110,4 @@ def restrict(op: Any, blocks: BlockSpec) -> RestrictedOperator:
         >>> restrict(H, "fc.weight").shape, restrict(H, "fc").shape
         ((4, 4), (5, 5))
     """
-    return RestrictedOperator(as_square_operator(op), blocks)
+    return RestrictedOperator(as_operator(op), blocks)

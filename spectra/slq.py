@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor
 
-from ._utils import as_square_operator, check_generator, check_positive_int, draw_seed
+from curvature import LinearOperator, as_operator
+from curvature.checks import check_count
+from curvature.probes import draw_probes, draw_seed, make_generator
+
 from .density import SpectralDensity
 from .lanczos import lanczos
 
@@ -33,14 +37,47 @@ def _probe_block(
     Deriving each probe from its own index keeps a run reproducible whatever the block size and
     however often it was interrupted and resumed.
     """
-    cols = []
-    for i in range(first, first + count):
-        g = torch.Generator().manual_seed(seed + i)
-        cols.append(torch.randint(0, 2, (d,), generator=g, dtype=torch.int8))
-    return torch.stack(cols, dim=1).to(dtype=dtype, device=device) * 2 - 1
+    cols = [
+        draw_probes(d, 1, "rademacher", dtype=dtype, device=device, generator=torch.Generator().manual_seed(seed + i))
+        for i in range(first, first + count)
+    ]
+    return torch.cat(cols, dim=1)
 
 
-def _load_checkpoint(path: str, config: dict, seed_from_user: bool) -> SpectralDensity | None:
+#: Seed of the fixed probe whose product identifies an operator in a checkpoint.
+_FINGERPRINT_SEED = 0x5EED
+#: Chunks of ``A v`` summed into the fingerprint (a change anywhere in the product shows).
+_FINGERPRINT_CHUNKS = 16
+
+
+def operator_fingerprint(A: LinearOperator) -> list[float]:
+    """A short summary of ``A @ v`` for a fixed Rademacher ``v``: chunk sums and the squared norm.
+
+    Two operators of the same size and class (a model's Hessian at epoch 0 and at epoch 1) give
+    different fingerprints unless their products agree to rounding; it costs one product.
+    """
+    d = A.shape[0]
+    v = draw_probes(d, 1, "rademacher", dtype=A.dtype, device=A.device,
+                    generator=torch.Generator().manual_seed(_FINGERPRINT_SEED))
+    w = (A @ v)[:, 0].double()
+    sums = [float(c.sum()) for c in torch.tensor_split(w, min(_FINGERPRINT_CHUNKS, d))]
+    return sums + [float(w.square().sum())]
+
+
+def _same_fingerprint(saved: list[float], current: list[float], dtype: torch.dtype) -> bool:
+    a = torch.tensor(saved, dtype=torch.float64)
+    b = torch.tensor(current, dtype=torch.float64)
+    if a.shape != b.shape:
+        return False
+    # Repeated products may differ in the last bits (summation order, backend choice); a
+    # different operator differs far more than sqrt(eps) of the product's size.
+    tol = math.sqrt(float(torch.finfo(dtype).eps)) if dtype.is_floating_point else 1e-8
+    return bool((a - b).norm() <= tol * max(float(a.norm()), float(b.norm()), 1e-300))
+
+
+def _load_checkpoint(
+    path: str, config: dict, seed_from_user: bool, fingerprint: Callable[[], list[float]]
+) -> SpectralDensity | None:
     if not os.path.exists(path):
         return None
     try:
@@ -59,6 +96,13 @@ def _load_checkpoint(path: str, config: dict, seed_from_user: bool) -> SpectralD
                 f"{key}={config[key]!r}; refusing to resume a different run (delete the file or "
                 "pass another checkpoint path)"
             )
+    saved_print = saved.get("fingerprint")
+    if saved_print is None or not _same_fingerprint(saved_print, fingerprint(), getattr(torch, config["dtype"][6:])):
+        raise ValueError(
+            f"checkpoint {path!r} was made on a different operator (its product with a fixed probe "
+            "differs: the model, its parameters or its data changed); refusing to resume it "
+            "(delete the file or pass another checkpoint path, e.g. one per epoch)"
+        )
     return done
 
 
@@ -86,12 +130,14 @@ def slq(
     Checkpoints: with ``checkpoint=path`` the finished probes are written to ``path`` (an
     ``.npz`` readable by :meth:`SpectralDensity.load`) after every block, atomically. A rerun
     with the same path resumes from them and gives the same result as an uninterrupted run. The
-    file records ``d``, ``num_steps``, ``reorthogonalize``, dtype, operator type and the seed drawn
-    from ``generator``; resuming a run that differs in any of them raises ``ValueError``. With
-    ``generator=None`` a resumed run adopts the checkpoint's seed. ``num_probes`` may differ: a
+    file records ``d``, ``num_steps``, ``reorthogonalize``, dtype, operator type, the seed drawn
+    from ``generator`` and a fingerprint of the operator (its product with a fixed probe, one extra
+    product per checkpointed run); resuming a run that differs in any of them (e.g. the same path
+    reused for the next epoch's Hessian) raises ``ValueError``. With ``generator=None`` a resumed
+    run adopts the checkpoint's seed. ``num_probes`` may differ: a
     larger value extends the checkpoint, a smaller one uses its first probes.
 
-    Randomness: one seed is drawn from ``generator`` (or the global RNG, never reseeded) and
+    Randomness: one seed is drawn from ``generator`` (default: a fresh OS-seeded one) and
     probe ``i`` is derived from ``(seed, i)``, so results do not depend on ``probe_batch_size``.
 
     Args:
@@ -115,11 +161,12 @@ def slq(
         >>> dens.nodes.shape, round(dens.trace().value, 6), dens.num_matvecs
         (torch.Size([4, 20]), 0.0, 80)
     """
-    A = as_square_operator(op)
+    A = as_operator(op)
     d = A.shape[0]
-    num_probes = check_positive_int(num_probes, "num_probes")
-    num_steps = check_positive_int(num_steps, "num_steps")
-    check_generator(generator)
+    num_probes = check_count(num_probes, name="num_probes")
+    num_steps = check_count(num_steps, name="num_steps")
+    seed_from_user = generator is not None
+    generator = make_generator(generator, A.device)
     if reorthogonalize not in ("full", "none"):
         raise ValueError(f"reorthogonalize must be 'full' or 'none', got {reorthogonalize!r}")
     m = min(num_steps, d)
@@ -129,7 +176,7 @@ def slq(
             1, min(num_probes, MAX_DEFAULT_BLOCK, BASIS_BUDGET // (m * d * itemsize))
         )
     else:
-        probe_batch_size = check_positive_int(probe_batch_size, "probe_batch_size")
+        probe_batch_size = check_count(probe_batch_size, name="probe_batch_size")
 
     seed = draw_seed(generator)
     config = {
@@ -146,7 +193,9 @@ def slq(
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
             raise ValueError(f"checkpoint {path!r}: directory {parent!r} does not exist")
-        done = _load_checkpoint(path, config, seed_from_user=generator is not None)
+        fingerprint = operator_fingerprint(A)
+        config["fingerprint"] = fingerprint
+        done = _load_checkpoint(path, config, seed_from_user=seed_from_user, fingerprint=lambda: fingerprint)
         if done is not None:
             config["seed"] = seed = int(done.metadata["seed"])
             parts.append(

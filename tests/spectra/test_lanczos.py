@@ -174,7 +174,7 @@ def test_bad_input():
         spectra.lanczos(A, num_steps=0)
     with pytest.raises(TypeError, match="num_steps"):
         spectra.lanczos(A, num_steps=2.5)
-    with pytest.raises(ValueError, match="op must be square"):
+    with pytest.raises(ValueError, match="op must be a square"):
         spectra.lanczos(torch.zeros(3, 4), num_steps=2)
     with pytest.raises(ValueError, match="reorthogonalize"):
         spectra.lanczos(A, num_steps=2, reorthogonalize="partial")

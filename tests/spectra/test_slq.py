@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import spectra
-from curvature import LinearOperator
+from curvature import Hessian, LinearOperator
 from spectra import SpectralDensity
 
 from .matrices import gen, goe, symmetric_with_spectrum
@@ -171,7 +171,7 @@ def test_checkpoint_resume_equals_one_run(tmp_path):
     assert SpectralDensity.load(path).num_probes == 4  # two finished blocks kept
     op = FlakyOperator(A, None)
     resumed = spectra.slq(op, generator=gen(3), checkpoint=path, **kwargs)
-    assert op.num_matvecs == 3 * 12  # only the missing probes were run
+    assert op.num_matvecs == 3 * 12 + 1  # only the missing probes were run (+1: the fingerprint)
     assert torch.equal(resumed.nodes, whole.nodes) and torch.equal(resumed.weights, whole.weights)
     # Block size does not change the probes.
     other = spectra.slq(FlakyOperator(A, None), generator=gen(3), num_probes=7, num_steps=12, probe_batch_size=3)
@@ -179,9 +179,9 @@ def test_checkpoint_resume_equals_one_run(tmp_path):
     # A finished checkpoint costs nothing; more probes extend it.
     op = FlakyOperator(A, None)
     again = spectra.slq(op, generator=gen(3), checkpoint=path, **kwargs)
-    assert op.num_matvecs == 0 and torch.equal(again.nodes, whole.nodes)
+    assert op.num_matvecs == 1 and torch.equal(again.nodes, whole.nodes)  # just the fingerprint
     more = spectra.slq(op, generator=gen(3), checkpoint=path, num_probes=9, num_steps=12, probe_batch_size=2)
-    assert op.num_matvecs == 24 and torch.equal(more.nodes[:7], whole.nodes)
+    assert op.num_matvecs == 1 + 24 + 1 and torch.equal(more.nodes[:7], whole.nodes)
 
 
 def test_checkpoint_refuses_mismatched_run(tmp_path):
@@ -207,6 +207,28 @@ def test_checkpoint_refuses_mismatched_run(tmp_path):
         spectra.slq(A, num_steps=5, checkpoint=junk)
 
 
+def test_checkpoint_refuses_another_operator_of_the_same_size_and_class(tmp_path):
+    # A per-epoch loop with one checkpoint path: epoch 1's operator must not get epoch 0's density.
+    with torch.random.fork_rng():  # a seeded init that leaves the global RNG as it was
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double().eval()
+    x = torch.randn(16, 4, dtype=torch.float64, generator=gen(5))
+    y = torch.randint(0, 3, (16,), generator=gen(6))
+    loss = torch.nn.CrossEntropyLoss()
+    path = tmp_path / "epoch.ckpt"
+    spectra.slq(Hessian(model, loss, (x, y)), num_probes=2, num_steps=5, generator=gen(1), checkpoint=path)
+    with torch.no_grad():
+        model[0].weight.add_(0.1)  # one "epoch" of training
+    H1 = Hessian(model, loss, (x, y))
+    with pytest.raises(ValueError, match="different operator"):
+        spectra.slq(H1, num_probes=2, num_steps=5, generator=gen(1), checkpoint=path)
+    # The same operator resumes (its fingerprint matches to rounding).
+    with torch.no_grad():
+        model[0].weight.sub_(0.1)
+    again = spectra.slq(Hessian(model, loss, (x, y)), num_probes=2, num_steps=5, generator=gen(1), checkpoint=path)
+    assert again.num_probes == 2
+
+
 def test_progress_bar_and_no_prints(capsys):
     spectra.slq(goe(20), num_probes=2, num_steps=4, generator=gen())
     out = capsys.readouterr()
@@ -221,7 +243,7 @@ def test_bad_input():
         spectra.slq(A, num_steps=0)
     with pytest.raises(ValueError, match="num_probes"):
         spectra.slq(A, num_probes=0)
-    with pytest.raises(ValueError, match="op must be square"):
+    with pytest.raises(ValueError, match="op must be a square"):
         spectra.slq(torch.zeros(3, 2))
     with pytest.raises(ValueError, match="probe_batch_size"):
         spectra.slq(A, probe_batch_size=0)

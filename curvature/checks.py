@@ -1,0 +1,166 @@
+"""Argument checks shared by every package of the toolkit (operators, estimators, spectra, inverses).
+
+One place, so the same option is accepted and refused the same way everywhere: counts accept any
+integral type (Python ints, NumPy integers) but not ``bool``; real-valued options accept Python
+floats, NumPy scalars and 0-d tensors; every error names the argument and what was expected.
+
+Example:
+    >>> import numpy as np
+    >>> check_count(np.int64(3), name="k"), check_positive_float(1e-3, name="damping")
+    (3, 0.001)
+    >>> check_count(0, name="k")
+    Traceback (most recent call last):
+        ...
+    ValueError: k must be >= 1, got 0
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Any, Sequence
+
+from torch import Tensor
+
+__all__ = [
+    "check_choice",
+    "check_count",
+    "check_damping",
+    "check_optional_count",
+    "check_positive_float",
+    "check_real",
+    "check_rtol",
+    "check_tolerance",
+    "renamed_option",
+]
+
+
+
+def check_count(value: Any, *, name: str, minimum: int = 1) -> int:
+    """Return ``value`` as an ``int >= minimum``; ``TypeError`` for non-integers (and ``bool``).
+
+    Example:
+        >>> check_count(5, name="num_matvecs", minimum=2)
+        5
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if isinstance(value, Tensor) and value.ndim == 0 and not value.is_floating_point():
+            value = int(value)
+        else:
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_optional_count(value: Any, *, name: str, minimum: int = 1) -> int | None:
+    """:func:`check_count` that lets ``None`` through (meaning "choose a default").
+
+    Example:
+        >>> check_optional_count(None, name="probe_batch_size") is None
+        True
+    """
+    return None if value is None else check_count(value, name=name, minimum=minimum)
+
+
+def check_real(value: Any, *, name: str, low: float = -math.inf, high: float = math.inf,
+               low_open: bool = False, high_open: bool = False) -> float:
+    """Return ``value`` as a finite float in the given interval (closed unless ``*_open``).
+
+    Example:
+        >>> check_real(0.9, name="beta", low=0, high=1, high_open=True)
+        0.9
+    """
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if isinstance(value, Tensor) and value.numel() != 1:
+        raise TypeError(f"{name} must be a real number, got a tensor of shape {tuple(value.shape)}")
+    x = float(value)
+    too_low = x <= low if low_open else x < low
+    too_high = x >= high if high_open else x > high
+    if not math.isfinite(x) or too_low or too_high:
+        lo = f"{'>' if low_open else '>='} {low:g}" if math.isfinite(low) else ""
+        hi = f"{'<' if high_open else '<='} {high:g}" if math.isfinite(high) else ""
+        bounds = " and ".join(b for b in (lo, hi) if b)
+        raise ValueError(f"{name} must be a finite number{' ' + bounds if bounds else ''}, got {x}")
+    return x
+
+
+def check_positive_float(value: Any, *, name: str) -> float:
+    """A finite float ``> 0``.
+
+    Example:
+        >>> check_positive_float(2, name="rho")
+        2.0
+    """
+    return check_real(value, name=name, low=0.0, low_open=True)
+
+
+def check_damping(value: Any, *, name: str = "damping") -> float:
+    """A damping ``λ`` of ``(A + λI)``: a finite float ``> 0``.
+
+    Example:
+        >>> check_damping(1e-4)
+        0.0001
+    """
+    return check_positive_float(value, name=name)
+
+
+def check_tolerance(value: Any, *, name: str = "tol") -> float:
+    """A relative tolerance: a finite float ``> 0`` (``tol`` means a relative residual everywhere).
+
+    Example:
+        >>> check_tolerance(1e-6)
+        1e-06
+    """
+    return check_positive_float(value, name=name)
+
+
+def check_rtol(value: Any, *, name: str = "rtol") -> float | None:
+    """An early-stopping relative standard error (``None`` = no early stop).
+
+    Example:
+        >>> check_rtol(None) is None, check_rtol(0.01)
+        (True, 0.01)
+    """
+    return None if value is None else check_positive_float(value, name=name)
+
+
+def check_choice(value: Any, *, name: str, choices: Sequence[str]) -> str:
+    """One of ``choices`` (strings), else a ``ValueError`` listing them.
+
+    Example:
+        >>> check_choice("LA", name="which", choices=("LA", "SA"))
+        'LA'
+    """
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
+    return value
+
+
+
+def renamed_option(new_value: Any, old_value: Any, *, new: str, old: str, default: Any = None,
+                   where: str = "", stacklevel: int = 3) -> Any:
+    """Resolve an option renamed to the toolkit's one vocabulary, keeping the old name one release.
+
+    ``old_value`` is what the caller passed under the deprecated name (``_UNSET``-like ``None``
+    means not passed). Passing both is an error; passing only the old one warns with a
+    ``DeprecationWarning`` and returns it.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as w:
+        ...     warnings.simplefilter("always")
+        ...     renamed_option(None, 50, new="max_iter", old="max_steps", where="eigsh")
+        50
+        >>> str(w[0].message)
+        'eigsh: max_steps= is deprecated; use max_iter= (same meaning)'
+    """
+    if old_value is None:
+        return default if new_value is None else new_value
+    if new_value is not None:
+        raise TypeError(f"{where}: pass {new}= only ({old}= is its deprecated name)")
+    warnings.warn(f"{where}: {old}= is deprecated; use {new}= (same meaning)", DeprecationWarning,
+                  stacklevel=stacklevel)
+    return old_value
