@@ -10,8 +10,8 @@ from typing import Any, Callable, Union
 import torch
 from torch import Tensor
 
+from .checks import check_count, check_damping, renamed_option
 from .linear_operator import LinearOperator, as_operator
-from .mfac import check_count, check_damping
 
 __all__ = ["inverse", "CGInverse", "CGInfo"]
 
@@ -77,7 +77,7 @@ class CGInverse(LinearOperator):
             a SciPy ``LinearOperator``).
         damping: ``λ > 0``.
         tol: relative residual tolerance.
-        maxiter: iteration limit per solve (default ``10 d``).
+        max_iter: iteration limit per solve (default ``10 d``); ``maxiter`` is its deprecated name.
         preconditioner: approximation of ``(op + λI)⁻¹``, symmetric positive definite: an operator
             (for example an :class:`~curvature.mfac.MFACInverse`), a square tensor, a ``(d,)``
             tensor applied elementwise (for Jacobi pass ``1 / (diag(op) + λ)``) or a callable
@@ -97,8 +97,9 @@ class CGInverse(LinearOperator):
         *,
         damping: float,
         tol: float = 1e-6,
-        maxiter: int | None = None,
+        max_iter: int | None = None,
         preconditioner: Preconditioner = None,
+        maxiter: int | None = None,
     ):
         damping = check_damping(damping)
         if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 < float(tol) < 1:
@@ -111,7 +112,8 @@ class CGInverse(LinearOperator):
         self.op = op
         self.damping = damping
         self.tol = float(tol)
-        self.maxiter = 10 * d if maxiter is None else check_count(maxiter, name="maxiter")
+        max_iter = renamed_option(max_iter, maxiter, new="max_iter", old="maxiter", where="CGInverse")
+        self.max_iter = 10 * d if max_iter is None else check_count(max_iter, name="max_iter")
         self._precondition = self._make_preconditioner(preconditioner)
         self.last_info: CGInfo | None = None
 
@@ -155,7 +157,7 @@ class CGInverse(LinearOperator):
         P = Z.clone()
         rz = (R * Z).sum(0)
         Xw = torch.zeros_like(R)
-        for _ in range(self.maxiter):
+        for _ in range(self.max_iter):
             if cols.numel() == 0:
                 break
             AP = self._apply(P)
@@ -200,14 +202,14 @@ class CGInverse(LinearOperator):
             failed = [i for i, c in enumerate(self.last_info.converged) if not c]
             logger.warning(
                 "CG did not converge for %d of %d columns (first: %s; max relative residual %.3g; "
-                "breakdowns: %d) within maxiter=%d",
+                "breakdowns: %d) within max_iter=%d",
                 len(failed), k, failed[:5], max(self.last_info.relative_residuals[i] for i in failed),
-                int(breakdown.sum()), self.maxiter,
+                int(breakdown.sum()), self.max_iter,
             )
         return X
 
     def __repr__(self) -> str:
-        return f"CGInverse(op={self.op!r}, damping={self.damping:g}, tol={self.tol:g}, maxiter={self.maxiter})"
+        return f"CGInverse(op={self.op!r}, damping={self.damping:g}, tol={self.tol:g}, max_iter={self.max_iter})"
 
 
 def inverse(
@@ -216,8 +218,9 @@ def inverse(
     damping: float,
     method: str = "cg",
     tol: float = 1e-6,
-    maxiter: int | None = None,
+    max_iter: int | None = None,
     preconditioner: Preconditioner = None,
+    maxiter: int | None = None,
 ) -> CGInverse:
     """The damped inverse ``(op + damping · I)⁻¹`` of any operator, applied matrix-free.
 
@@ -233,4 +236,5 @@ def inverse(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    return CGInverse(op, damping=damping, tol=tol, maxiter=maxiter, preconditioner=preconditioner)
+    max_iter = renamed_option(max_iter, maxiter, new="max_iter", old="maxiter", where="inverse")
+    return CGInverse(op, damping=damping, tol=tol, max_iter=max_iter, preconditioner=preconditioner)

@@ -16,8 +16,6 @@ Second-Order Information*, NeurIPS 2021.
 
 from __future__ import annotations
 
-import contextlib
-import math
 import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,7 +24,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from ._linalg import all_finite, no_tf32, stable_cholesky
 from .blocks import Block, make_blocks
+from .checks import check_count, check_damping
 from .data import batch_size as count_samples
 from .data import call_model, is_single_batch, move_to, split_batch
 from .linear_operator import LinearOperator
@@ -38,58 +38,6 @@ __all__ = ["MFACInverse", "collect_gradients"]
 _GROUP_BUDGET = 1 << 24
 #: Columns upcast to float64 at a time when accumulating a Gram matrix (measured fastest on CPU).
 _GRAM_CHUNK = 2048
-
-
-@contextlib.contextmanager
-def no_tf32(device: torch.device) -> Iterator[None]:
-    """Disable TF32 matmuls on CUDA for the block: its 10-bit mantissa wrecks the M-FAC algebra."""
-    if torch.device(device).type != "cuda":
-        yield
-        return
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
-
-
-def check_damping(damping: Any, *, name: str = "damping") -> float:
-    """Return ``damping`` as a float, or raise if it is not a finite positive number."""
-    if isinstance(damping, bool) or not isinstance(damping, (numbers.Real, Tensor)):
-        raise TypeError(f"{name} must be a positive number, got {type(damping).__name__}")
-    value = float(damping)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return value
-
-
-def check_count(value: Any, *, name: str, minimum: int = 1) -> int:
-    """Return ``value`` as an int ``>= minimum`` or raise naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def all_finite(x: Tensor) -> bool:
-    """Whether ``x`` has no NaN/inf, via one sum (a NaN/inf poisons it); exact check only if it overflows."""
-    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
-
-
-def stable_cholesky(A: Tensor, floor: float) -> Tensor:
-    """Cholesky factor of a batch of SPD matrices whose eigenvalues are known to be ``>= floor``.
-
-    Rounding can make ``A`` numerically indefinite when ``floor`` is tiny next to ``||A||``; then
-    the eigenvalues are clamped to ``floor`` (their exact-arithmetic lower bound) and refactored.
-    """
-    L, info = torch.linalg.cholesky_ex(A)
-    if bool((info > 0).any()):
-        w, Q = torch.linalg.eigh(A)
-        A = (Q * w.clamp_min(floor).unsqueeze(-2)) @ Q.transpose(-1, -2)
-        L = torch.linalg.cholesky(A)
-    return L
 
 
 def _as_gradient_matrix(grads: Any) -> Tensor:

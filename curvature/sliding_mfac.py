@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._linalg import all_finite, no_tf32, stable_cholesky
+from .checks import check_count, check_damping
 from .linear_operator import LinearOperator, check_operand
-from .mfac import all_finite, check_count, check_damping, no_tf32, stable_cholesky
 
 __all__ = ["SlidingMFACInverse"]
 

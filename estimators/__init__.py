@@ -15,7 +15,7 @@ from .block_traces import block_traces
 from .diagonal import DIAGONAL_METHODS, diagonal
 from .norms import frobenius_norm
 from .probes import draw_probes
-from .results import DiagonalEstimate, FrobeniusNormEstimate, TraceEstimate
+from .results import BlockTraceEstimates, DiagonalEstimate, Estimate, FrobeniusNormEstimate, TraceEstimate
 from .trace import TRACE_METHODS, trace
 
 __all__ = [
@@ -24,7 +24,9 @@ __all__ = [
     "diagonal",
     "frobenius_norm",
     "draw_probes",
+    "Estimate",
     "TraceEstimate",
+    "BlockTraceEstimates",
     "DiagonalEstimate",
     "FrobeniusNormEstimate",
     "TRACE_METHODS",

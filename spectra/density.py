@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from estimators import Estimate
+
 __all__ = ["SpectralDensity", "SpectralSumEstimate", "default_sigma"]
 
 #: Papyan's (JMLR 2020, App. D.2) kernel parameter: Gaussians of neighbouring nodes meet at
@@ -42,26 +44,32 @@ def default_sigma(lo: float, hi: float, num_steps: int, *, kappa: float = KAPPA)
 
 
 @dataclass(frozen=True)
-class SpectralSumEstimate:
-    """An estimate of ``tr f(H)`` from stochastic Lanczos quadrature.
+class SpectralSumEstimate(Estimate):
+    """An estimate of ``tr f(H)`` from stochastic Lanczos quadrature (an :class:`estimators.Estimate`).
 
     Attributes:
         value: the mean over probes of ``‖v‖² Σ_k τ_k f(θ_k)``.
-        stderr: standard error across probes (``std/√n_v``); ``nan`` with a single probe. It
-            covers the probe (Hutchinson) noise, not the quadrature error, which is exact for
-            polynomials of degree ``≤ 2m − 1`` and small for smooth ``f``.
+        stderr: standard error across probes (``std/√n_v``); ``inf`` with a single probe, as for
+            every estimate of the toolkit. It covers the probe (Hutchinson) noise, not the
+            quadrature error, which is exact for polynomials of degree ``≤ 2m − 1`` and small for
+            smooth ``f``.
         num_probes: probes averaged.
         num_matvecs: operator products the density cost.
+        method: ``"slq"``.
+        samples: the per-probe values (float64), or ``None``.
 
     Example:
-        >>> SpectralSumEstimate(3.0, 0.1, 10, 100).value
-        3.0
+        >>> est = SpectralSumEstimate(3.0, 0.1, 10, 100)
+        >>> est.value, est.method, [round(x, 3) for x in est.confidence_interval(0.95)]
+        (3.0, 'slq', [2.804, 3.196])
     """
 
     value: float
     stderr: float
     num_probes: int
     num_matvecs: int
+    method: str = "slq"
+    samples: Tensor | None = field(default=None, repr=False, compare=False)
 
 
 def _as_f64(x: Any) -> Tensor:
@@ -343,8 +351,8 @@ class SpectralDensity:
         per_probe = self.probe_norms_sq * (self.weights * values).sum(1)
         n = self.num_probes
         mean = float(per_probe.mean())
-        stderr = float(per_probe.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
-        return SpectralSumEstimate(mean, stderr, n, self.num_matvecs)
+        stderr = float(per_probe.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.inf
+        return SpectralSumEstimate(mean, stderr, n, self.num_matvecs, "slq", per_probe)
 
     # ------------------------------------------------------------------ combining, I/O
     def select(self, probes: slice | Tensor | list[int]) -> SpectralDensity:

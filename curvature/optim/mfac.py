@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..mfac import check_count, check_damping
+from ..checks import check_count, check_damping
 from ..sliding_mfac import SlidingMFACInverse
 
 __all__ = ["MFAC"]

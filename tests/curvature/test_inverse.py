@@ -138,7 +138,7 @@ def test_accepts_scipy_operators():
 
 def test_non_convergence_and_breakdown_are_reported(caplog):
     A = spd(50, cond=1e6, seed=6)
-    inv = inverse(A, damping=1e-6, tol=1e-12, maxiter=3)
+    inv = inverse(A, damping=1e-6, tol=1e-12, max_iter=3)
     with caplog.at_level(logging.WARNING, logger="curvature.inverse"):
         inv @ torch.ones(50, dtype=f64)
     assert inv.last_info.iterations == (3,) and inv.last_info.converged == (False,)
@@ -158,9 +158,11 @@ def test_bad_input():
         inverse(A, damping=1.0, method="lsmr")
     with pytest.raises(ValueError, match="tol"):
         inverse(A, damping=1.0, tol=0.0)
-    with pytest.raises(ValueError, match="maxiter must be >= 1"):
-        inverse(A, damping=1.0, maxiter=0)
-    with pytest.raises(TypeError, match="square operator"):
+    with pytest.raises(ValueError, match="max_iter must be >= 1"):
+        inverse(A, damping=1.0, max_iter=0)
+    with pytest.warns(DeprecationWarning, match="maxiter= is deprecated"):
+        assert inverse(A, damping=1.0, maxiter=5).max_iter == 5
+    with pytest.raises(ValueError, match="square \(d, d\) operator"):
         inverse(torch.ones(2, 3).numpy(), damping=1.0)
     with pytest.raises(ValueError, match="square"):
         inverse(torch.ones(2, 3), damping=1.0)
