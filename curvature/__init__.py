@@ -4,7 +4,7 @@ Operators (``Hessian``, ``GGN``, ``Fisher``, ``EmpiricalFisher``) act on flat pa
 vectors ``(d,)`` or blocks ``(d, k)`` with ``@``; see :class:`LinearOperator`.
 """
 
-from .blocks import Block
+from .blocks import Block, group_blocks_by_module, make_blocks
 from .empirical_fisher import EmpiricalFisher
 from .fisher import Fisher
 from .ggn import GGN
@@ -12,10 +12,14 @@ from .hessian import Hessian
 from .inverse import CGInfo, CGInverse, inverse
 from .linear_operator import DenseOperator, LinearOperator, as_operator
 from .mfac import MFACInverse, collect_gradients
+from .model_operator import ModelOperator
 from .sliding_mfac import SlidingMFACInverse
 
 __all__ = [
     "Block",
+    "ModelOperator",
+    "group_blocks_by_module",
+    "make_blocks",
     "CGInfo",
     "CGInverse",
     "MFACInverse",

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -27,8 +27,7 @@ from torch import Tensor, nn
 from ._linalg import all_finite, no_tf32, stable_cholesky
 from .blocks import Block, make_blocks
 from .checks import check_count, check_damping
-from .data import batch_size as count_samples
-from .data import call_model, is_single_batch, move_to, split_batch
+from .data import BatchSource, call_model
 from .linear_operator import LinearOperator
 from .params import ParamSpec, select_parameters
 
@@ -356,36 +355,6 @@ class MFACInverse(LinearOperator):
         )
 
 
-def _iter_batches(data: Any) -> Iterator[Any]:
-    if is_single_batch(data):
-        yield tuple(data)
-        return
-    if not isinstance(data, Iterable):
-        raise TypeError(f"data must be an (inputs, targets) batch or an iterable of batches, got {type(data).__name__}")
-    yield from data
-
-
-def _slice_samples(obj: Any, start: int, stop: int) -> Any:
-    if isinstance(obj, Tensor):
-        return obj[start:stop]
-    if isinstance(obj, dict):
-        return {k: _slice_samples(v, start, stop) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_slice_samples(v, start, stop) for v in obj)
-    return obj
-
-
-def _mini_batches(data: Any, batch_size: int | None) -> Iterator[tuple[Any, Any]]:
-    for batch in _iter_batches(data):
-        inputs, targets = split_batch(batch)
-        if batch_size is None:
-            yield inputs, targets
-            continue
-        n = count_samples(inputs, targets)
-        for start in range(0, n - batch_size + 1, batch_size):
-            yield _slice_samples(inputs, start, start + batch_size), _slice_samples(targets, start, start + batch_size)
-
-
 def collect_gradients(
     model: nn.Module,
     loss_fn: Callable[..., Tensor],
@@ -414,9 +383,9 @@ def collect_gradients(
         dtype, device: of the returned ``(m, d)`` tensor (default: those of the parameters).
 
     Example:
-        >>> _ = torch.manual_seed(0)
+        >>> g = torch.Generator().manual_seed(0)
         >>> model = nn.Linear(2, 1)
-        >>> x, y = torch.randn(6, 2), torch.randn(6, 1)
+        >>> x, y = torch.randn(6, 2, generator=g), torch.randn(6, 1, generator=g)
         >>> collect_gradients(model, nn.MSELoss(), (x, y), num_grads=3, batch_size=2).shape
         torch.Size([3, 3])
     """
@@ -430,10 +399,14 @@ def collect_gradients(
     d = sum(p.numel() for p in tensors)
     G = torch.empty(num_grads, d, dtype=dtype, device=device)
     count = 0
-    for inputs, targets in _mini_batches(data, batch_size):
+    source = BatchSource(data, device=param_device)
+    batches = source if batch_size is None else source.minibatches(batch_size)
+    for batch in batches:
         if count == num_grads:
             break
-        inputs, targets = move_to(inputs, param_device), move_to(targets, param_device)
+        if batch_size is not None and batch.num_samples < batch_size:
+            continue  # a short remainder: every gradient averages the same number of samples
+        inputs, targets = batch.inputs, batch.targets
         with torch.enable_grad():
             loss = loss_fn(call_model(model, inputs), targets)
             if not isinstance(loss, Tensor) or loss.ndim != 0:

@@ -6,8 +6,7 @@ from typing import Any, Sequence
 
 import torch
 
-from curvature import Block, as_operator
-from curvature.blocks import group_blocks_by_module
+from curvature import Block, as_operator, group_blocks_by_module
 from curvature.checks import check_rtol
 from curvature.probes import make_generator
 
@@ -55,7 +54,7 @@ def block_traces(
         the same probes.
 
     Example:
-        >>> from curvature.blocks import make_blocks
+        >>> from curvature import make_blocks
         >>> A = torch.diag(torch.tensor([1.0, 2.0, 3.0]))
         >>> bl = make_blocks(["fc.weight", "fc.bias"], [(2,), (1,)])
         >>> res = block_traces(A, num_matvecs=4, blocks=bl, generator=torch.Generator().manual_seed(0))

@@ -125,7 +125,7 @@ class DiagonalEstimate(Estimate):
 
     Example:
         >>> import torch
-        >>> from curvature.blocks import make_blocks
+        >>> from curvature import make_blocks
         >>> est = DiagonalEstimate(torch.arange(6.0), torch.zeros(6), 6, "exact", "unit",
         ...                        make_blocks(["w", "b"], [(2, 2), (2,)]))
         >>> {k: v.tolist() for k, v in est.per_block().items()}

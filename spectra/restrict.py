@@ -7,8 +7,7 @@ from typing import Any, Sequence, Union
 import torch
 from torch import Tensor
 
-from curvature import Block, LinearOperator, as_operator
-from curvature.blocks import make_blocks
+from curvature import Block, LinearOperator, as_operator, make_blocks
 
 __all__ = ["RestrictedOperator", "restrict"]
 
@@ -27,11 +26,10 @@ def _select(blocks: Sequence[Block], spec: BlockSpec) -> list[Block]:
                 raise ValueError(f"block {item.name!r} is not one of the operator's blocks")
             matches = [item]
         elif isinstance(item, str):
-            # An exact parameter name, or a module name that selects all its parameters
-            # (so "fc1" means fc1.weight and fc1.bias).
-            matches = (
-                [by_name[item]] if item in by_name else [b for b in blocks if b.module == item]
-            )
+            # An exact parameter name, or the name of any module (a parent too) that selects all
+            # the parameters under it ("fc1" means fc1.weight and fc1.bias, "enc" all of enc.*).
+            prefix = item + "."
+            matches = [by_name[item]] if item in by_name else [b for b in blocks if b.name.startswith(prefix)]
             if not matches:
                 names = ", ".join(repr(b.name) for b in blocks[:20])
                 more = "" if len(blocks) <= 20 else f", ... ({len(blocks)} in all)"
@@ -66,7 +64,7 @@ class RestrictedOperator(LinearOperator):
 
     Example:
         >>> from curvature import DenseOperator
-        >>> from curvature.blocks import make_blocks
+        >>> from curvature import make_blocks
         >>> blocks = make_blocks(["a", "b"], [(2,), (3,)])
         >>> H = DenseOperator(torch.diag(torch.arange(1.0, 6.0)), blocks=blocks)
         >>> sub = restrict(H, "b")
@@ -98,13 +96,13 @@ class RestrictedOperator(LinearOperator):
 def restrict(op: Any, blocks: BlockSpec) -> RestrictedOperator:
     """Restrict ``op`` to the parameter blocks named in ``blocks`` (per-layer spectra).
 
-    ``blocks`` is a parameter name (``"fc1.weight"``), a module name selecting all of its
-    parameters (``"fc1"``), a :class:`curvature.Block`, or a sequence of these. Every product with
+    ``blocks`` is a parameter name (``"fc1.weight"``), the name of any module selecting all the
+    parameters under it (``"fc1"``, or a parent such as ``"encoder"``), a :class:`curvature.Block`, or a sequence of these. Every product with
     the result costs one product with the full operator (see :class:`RestrictedOperator`).
 
     Example:
         >>> from curvature import DenseOperator
-        >>> from curvature.blocks import make_blocks
+        >>> from curvature import make_blocks
         >>> blocks = make_blocks(["fc.weight", "fc.bias"], [(2, 2), (1,)])
         >>> H = DenseOperator(torch.eye(5), blocks=blocks)
         >>> restrict(H, "fc.weight").shape, restrict(H, "fc").shape

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..checks import check_count, check_damping
-from ..sliding_mfac import SlidingMFACInverse
+from .. import SlidingMFACInverse
 
 __all__ = ["MFAC"]
 

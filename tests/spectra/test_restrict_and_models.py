@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 import spectra
-from curvature import DenseOperator
-from curvature.blocks import make_blocks
+from curvature import DenseOperator, make_blocks
 
 from .matrices import gen, goe
 
@@ -39,6 +38,17 @@ def test_restriction_is_the_principal_submatrix():
     res = spectra.eigsh(spectra.restrict(H, "fc2"), k=2, tol=1e-10, generator=gen())
     want = torch.linalg.eigvalsh(H.matrix[36:, 36:]).flip(0)[:2]
     torch.testing.assert_close(res.eigenvalues, want)
+
+
+def test_restrict_to_a_parent_module():
+    H = blocked((("enc.0.weight", (3, 2)), ("enc.0.bias", (3,)), ("enc.2.weight", (2, 3)), ("head.weight", (1, 2))))
+    enc = spectra.restrict(H, "enc")
+    assert [b.name for b in enc.blocks] == ["enc.0.weight", "enc.0.bias", "enc.2.weight"]
+    torch.testing.assert_close(enc.to_dense(), H.matrix[:15, :15])
+    assert spectra.restrict(H, "enc.0").shape == (9, 9)
+    # A name prefix that is not a module boundary selects nothing.
+    with pytest.raises(ValueError, match="no parameter or module named 'en'"):
+        spectra.restrict(H, "en")
 
 
 def test_restrict_bad_names():
