@@ -14,21 +14,9 @@ from curvature.hessian import Hessian
 from curvature.inverse import CGInfo, CGInverse, inverse
 from curvature.linear_operator import DenseOperator
 from curvature.mfac import MFACInverse
+from tests.matrices import rel
 
 f64 = torch.float64
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: intra-op threads only add overhead (and stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 def spd(d, *, cond=1e3, seed=0):
@@ -162,7 +150,7 @@ def test_bad_input():
         inverse(A, damping=1.0, max_iter=0)
     with pytest.warns(DeprecationWarning, match="maxiter= is deprecated"):
         assert inverse(A, damping=1.0, maxiter=5).max_iter == 5
-    with pytest.raises(ValueError, match="square \(d, d\) operator"):
+    with pytest.raises(ValueError, match=r"square \(d, d\) operator"):
         inverse(torch.ones(2, 3).numpy(), damping=1.0)
     with pytest.raises(ValueError, match="square"):
         inverse(torch.ones(2, 3), damping=1.0)

@@ -8,21 +8,9 @@ from torch import nn
 
 from curvature.linear_operator import as_operator
 from curvature.mfac import MFACInverse, collect_gradients
+from tests.matrices import rel
 
 f64 = torch.float64
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: intra-op threads only add overhead (and stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 def explicit_inverse(G, lam, block_size=None):

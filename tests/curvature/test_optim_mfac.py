@@ -15,15 +15,6 @@ from curvature.sliding_mfac import SlidingMFACInverse
 f64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: intra-op threads only add overhead (and stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def logistic_problem():
     """Ill-conditioned logistic regression (feature scales 1..100), deterministic."""
     gen = torch.Generator().manual_seed(0)

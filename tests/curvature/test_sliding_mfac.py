@@ -7,21 +7,9 @@ import torch
 
 from curvature.mfac import MFACInverse
 from curvature.sliding_mfac import SlidingMFACInverse
+from tests.matrices import rel
 
 f64 = torch.float64
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: intra-op threads only add overhead (and stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 def explicit(window_rows, lam, m):

@@ -6,8 +6,7 @@ import torch
 from curvature import Block, DenseOperator
 from curvature.blocks import make_blocks
 from estimators import block_traces, trace
-
-from .helpers import gen, indefinite, psd
+from tests.matrices import gen, indefinite, psd
 
 NAMES = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
 SHAPES = [(6, 5), (6,), (3, 6), (3,)]  # 30 + 6 + 18 + 3 = 57

@@ -6,8 +6,7 @@ import torch
 from curvature import DenseOperator
 from curvature.blocks import make_blocks
 from estimators import diagonal
-
-from .helpers import fast_decay, gen, indefinite, low_rank, psd
+from tests.matrices import fast_decay, gen, indefinite, low_rank, psd
 
 
 def test_exact_diagonal_and_per_block_shapes():

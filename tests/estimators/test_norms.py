@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from estimators import frobenius_norm
-
-from .helpers import gen, indefinite, psd
+from tests.matrices import gen, indefinite, psd
 
 
 @pytest.mark.parametrize("distribution", ["rademacher", "normal"])

@@ -10,8 +10,7 @@ from curvature import DenseOperator, as_operator
 from estimators import trace
 from estimators._products import ProductRunner
 from estimators.lowrank import XTraceSketch
-
-from .helpers import MATRICES, fast_decay, gen, indefinite, low_rank, psd
+from tests.matrices import MATRICES, fast_decay, gen, indefinite, low_rank, psd
 
 METHOD_BUDGETS = [("hutchinson", 6), ("hutch++", 6), ("xtrace", 6)]
 

@@ -10,8 +10,7 @@ import torch
 
 import spectra
 from curvature import DenseOperator
-
-from .matrices import gen, goe, symmetric_with_spectrum
+from tests.matrices import gen, goe, with_spectrum
 
 
 def true_residuals(A: torch.Tensor, res: spectra.EigenResult) -> torch.Tensor:
@@ -26,14 +25,14 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 def separated(d: int = 400) -> torch.Tensor:
     # Top-5 well separated from each other and from a bulk in [-1, 1].
     bulk = torch.rand(d - 5, generator=gen(21), dtype=torch.float64) * 2 - 1
-    return symmetric_with_spectrum(torch.cat([torch.tensor([9.0, 7.0, 5.0, 4.0, 3.0]).double(), bulk]), seed=22)
+    return with_spectrum(torch.cat([torch.tensor([9.0, 7.0, 5.0, 4.0, 3.0]).double(), bulk]), seed=22)
 
 
 def clustered(d: int = 400) -> torch.Tensor:
     # Top-5 within 1e-3 relative of each other, on top of a dense bulk.
     top = 10 * (1 + 1e-4 * torch.arange(5, dtype=torch.float64))
     bulk = torch.rand(d - 5, generator=gen(23), dtype=torch.float64) * 9.9
-    return symmetric_with_spectrum(torch.cat([top, bulk]), seed=24)
+    return with_spectrum(torch.cat([top, bulk]), seed=24)
 
 
 @pytest.mark.parametrize("make", [separated, clustered, lambda: goe(400, seed=25)])
@@ -73,7 +72,7 @@ def test_smallest_algebraic_finds_negative_eigenvalues():
 
 def test_largest_magnitude():
     evals = torch.cat([torch.tensor([-8.0, 6.0, -5.0]), torch.linspace(-1, 1, 197)]).double()
-    A = symmetric_with_spectrum(evals, seed=26)
+    A = with_spectrum(evals, seed=26)
     res = spectra.eigsh(A, k=3, which="LM", tol=1e-10, generator=gen())
     torch.testing.assert_close(res.eigenvalues, torch.tensor([-8.0, 6.0, -5.0], dtype=torch.float64))
 

@@ -9,8 +9,7 @@ import torch
 
 import spectra
 from curvature import DenseOperator
-
-from .matrices import gen, goe, symmetric_with_spectrum
+from tests.matrices import gen, goe, with_spectrum
 
 
 def moments_exact(A: torch.Tensor, V: torch.Tensor, nodes, weights, max_power: int) -> float:
@@ -45,7 +44,7 @@ def test_invariants_full_reorthogonalization():
 
 def test_full_krylov_space_recovers_spectrum_and_weights():
     evals = torch.linspace(-2, 3, 50, dtype=torch.float64) ** 3
-    A = symmetric_with_spectrum(evals, seed=3)
+    A = with_spectrum(evals, seed=3)
     v = torch.randn(50, generator=gen(5), dtype=torch.float64)
     res = spectra.lanczos(A, num_steps=50, v0=v)
     nodes, weights = res.quadrature()
@@ -123,7 +122,7 @@ def test_num_steps_beyond_dimension_is_capped():
 def test_ghost_eigenvalues_only_without_reorthogonalization():
     d = 2000
     evals = torch.cat([torch.tensor([10.0]), torch.rand(d - 1, generator=gen(11))]).double()
-    A = symmetric_with_spectrum(evals, seed=12)
+    A = with_spectrum(evals, seed=12)
     v = torch.randn(d, generator=gen(13), dtype=torch.float64)
     counts = {}
     for mode in ("full", "none"):

@@ -8,8 +8,7 @@ from torch import nn
 
 import spectra
 from curvature import DenseOperator, make_blocks
-
-from .matrices import gen, goe
+from tests.matrices import gen, goe
 
 
 def blocked(d_parts=(("fc1.weight", (6, 5)), ("fc1.bias", (6,)), ("fc2.weight", (3, 6)))):

@@ -12,8 +12,7 @@ import torch
 import spectra
 from curvature import Hessian, LinearOperator
 from spectra import SpectralDensity
-
-from .matrices import gen, goe, symmetric_with_spectrum
+from tests.matrices import gen, goe, with_spectrum
 
 matplotlib.use("Agg")
 
@@ -48,7 +47,7 @@ def test_quadrature_exactness_per_probe():
 def test_trace_within_hutchinson_error():
     d = 300
     evals = torch.linspace(0.1, 3.0, d, dtype=torch.float64)
-    A = symmetric_with_spectrum(evals, seed=42)
+    A = with_spectrum(evals, seed=42)
     dens = spectra.slq(A, num_probes=40, num_steps=30, generator=gen())
     assert dens.num_matvecs == 40 * 30
     for f, exact in [
@@ -74,7 +73,7 @@ def test_trace_with_full_krylov_space_equals_hutchinson():
 def test_density_integrates_to_one_and_lies_in_spectrum():
     d = 400
     evals = torch.cat([torch.rand(d - 3, generator=gen(45), dtype=torch.float64), torch.tensor([5.0, 6.0, 8.0])])
-    A = symmetric_with_spectrum(evals.double(), seed=46)
+    A = with_spectrum(evals.double(), seed=46)
     dens = spectra.slq(A, num_probes=3, num_steps=60, generator=gen())
     lo, hi = float(evals.min()), float(evals.max())
     assert dens.nodes.min() >= lo - 1e-10 and dens.nodes.max() <= hi + 1e-10
@@ -101,7 +100,7 @@ def test_density_close_to_truth():
     bulk = (torch.randn(d - 5, 4, generator=gen(47), dtype=torch.float64) ** 2).mean(1)  # chi²₄/4
     outliers = torch.tensor([20.0, 16.0, 13.0, 11.0, 9.0], dtype=torch.float64)
     evals = torch.cat([outliers, bulk])
-    A = symmetric_with_spectrum(evals, seed=48)
+    A = with_spectrum(evals, seed=48)
     R = float(evals.max() - evals.min())
     sigma = 0.02 * R
     m = math.ceil(R / (2 * sigma) * math.sqrt(math.log(1e3) / 2)) + 5
@@ -118,7 +117,7 @@ def test_density_close_to_truth():
 def test_log_density_push_forward_integrates_to_one():
     evals = torch.logspace(-4, 2, 200, dtype=torch.float64)
     evals[::7] *= -1
-    A = symmetric_with_spectrum(evals, seed=49)
+    A = with_spectrum(evals, seed=49)
     dens = spectra.slq(A, num_probes=2, num_steps=40, generator=gen())
     lam, p = dens.evaluate_log(normalize=False)
     assert (lam > 0).all()
@@ -256,7 +255,7 @@ def test_plot_renders(tmp_path):
     import matplotlib.pyplot as plt
 
     evals = torch.cat([torch.linspace(-0.5, 1.0, 297), torch.tensor([12.0, 20.0, 30.0])]).double()
-    A = symmetric_with_spectrum(evals, seed=53)
+    A = with_spectrum(evals, seed=53)
     dens = spectra.slq(A, num_probes=2, num_steps=40, generator=gen())
     top = spectra.eigsh(A, k=3, generator=gen())
     variants = [dict(top_eigenvalues=top), dict(log=False), dict(log_lambda=True, top_eigenvalues=[30.0])]

@@ -1,4 +1,7 @@
-"""Dense test matrices with known spectra, all float64."""
+"""The one module of test helpers shared by all test packages: generators, errors, test matrices.
+
+Dense symmetric float64 matrices with known spectra, all from explicit seeds (never the global RNG).
+"""
 
 from __future__ import annotations
 
@@ -6,16 +9,29 @@ import torch
 from torch import Tensor
 
 
-def gen(seed: int) -> torch.Generator:
+def gen(seed: int = 1234) -> torch.Generator:
+    """A CPU generator with a fixed seed."""
     return torch.Generator().manual_seed(seed)
 
 
+def rel(a: Tensor, b: Tensor) -> float:
+    """Relative error ``‖a − b‖ / ‖b‖`` (Frobenius)."""
+    return float((a - b).norm() / b.norm())
+
+
 def with_spectrum(eigenvalues: Tensor, seed: int = 0) -> Tensor:
-    """Symmetric matrix ``Q diag(eigenvalues) Qᵀ`` with a random orthogonal ``Q``."""
+    """``Q diag(eigenvalues) Qᵀ`` with a Haar-random orthogonal ``Q`` (float64, symmetrized)."""
     n = eigenvalues.numel()
-    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=gen(seed)))
+    Q, R = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=gen(seed)))
+    Q = Q * torch.sign(torch.diagonal(R))
     A = (Q * eigenvalues.to(torch.float64)) @ Q.T
     return (A + A.T) / 2
+
+
+def goe(d: int, *, seed: int = 0) -> Tensor:
+    """A Gaussian-orthogonal-ensemble matrix, ``(X + Xᵀ)/(2√d)``: a semicircle spectrum on about [-√2, √2]."""
+    X = torch.randn(d, d, generator=gen(seed), dtype=torch.float64)
+    return (X + X.T) / (2 * d**0.5)
 
 
 def psd(n: int = 60, seed: int = 1) -> Tensor:
