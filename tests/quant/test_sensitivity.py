@@ -1,0 +1,77 @@
+import pytest
+import torch
+from torch import nn
+
+import quant
+from tests.quant.dense import dense_hessian, tiny_data, tiny_mlp
+
+LOSS = nn.CrossEntropyLoss()
+LAYERS = ["0", "2", "4"]
+WEIGHTS = [f"{n}.weight" for n in LAYERS]
+
+
+def block_slices(model):
+    out, start = {}, 0
+    for name in LAYERS:
+        n = dict(model.named_modules())[name].weight.numel()
+        out[name] = slice(start, start + n)
+        start += n
+    return out
+
+
+def test_trace_sensitivity_matches_dense_block_traces():
+    model, data = tiny_mlp(), tiny_data()
+    H = dense_hessian(model, LOSS, data, WEIGHTS)
+    sens = quant.sensitivity(model, LOSS, data, num_matvecs=4000, generator=torch.Generator().manual_seed(0))
+    assert list(sens) == LAYERS
+    for name, sl in block_slices(model).items():
+        s = sens[name]
+        exact = H[sl, sl].trace().item()
+        assert s.num_matvecs == 4000  # one shared set of probes for all layers
+        assert abs(s.trace - exact) < 4 * s.trace_stderr, (name, s.trace, exact, s.trace_stderr)
+        assert s.trace_stderr < 0.1 * abs(exact) + 1e-3
+        assert s.average_trace == pytest.approx(s.trace / s.num_params)
+        assert s.score == s.average_trace
+
+
+def test_eigenvalue_sensitivity_matches_dense_top_eigenvalue():
+    model, data = tiny_mlp(), tiny_data()
+    H = dense_hessian(model, LOSS, data, WEIGHTS)
+    sens = quant.sensitivity(model, LOSS, data, metric="eigenvalue", num_matvecs=200, eig_tol=1e-10,
+                             generator=torch.Generator().manual_seed(0))
+    for name, sl in block_slices(model).items():
+        top = torch.linalg.eigvalsh(H[sl, sl])[-1].item()
+        assert sens[name].eigenvalue == pytest.approx(top, rel=1e-8)
+        assert sens[name].score == sens[name].eigenvalue and sens[name].trace is None
+
+
+def test_calibration_runs_in_eval_mode_and_restores_modes():
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 3))
+    model.train()
+    data = (torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g))
+    a = quant.sensitivity(model, LOSS, data, num_matvecs=8, generator=torch.Generator().manual_seed(1))
+    b = quant.sensitivity(model, LOSS, data, num_matvecs=8, generator=torch.Generator().manual_seed(1))
+    assert a["0"].trace == b["0"].trace  # deterministic: dropout was off
+    assert model.training and model[1].training
+    assert a["0"].macs == 32 and a["3"].macs == 24
+
+
+def test_layers_selection_and_errors():
+    model, data = tiny_mlp(), tiny_data()
+    sens = quant.sensitivity(model, LOSS, data, layers=["4", "0"], num_matvecs=4,
+                             generator=torch.Generator().manual_seed(0))
+    assert list(sens) == ["0", "4"]
+    with pytest.raises(ValueError, match="no module named 'fc9'"):
+        quant.sensitivity(model, LOSS, data, layers=["fc9"], num_matvecs=4)
+    with pytest.raises(ValueError, match="no weight"):
+        quant.sensitivity(model, LOSS, data, layers=["1"], num_matvecs=4)
+    with pytest.raises(ValueError, match="no quantizable layer"):
+        quant.sensitivity(nn.Sequential(nn.Tanh()), LOSS, data, num_matvecs=4)
+    with pytest.raises(ValueError, match="empty"):
+        quant.sensitivity(model, LOSS, [], num_matvecs=4)
+    x, y = data
+    with pytest.raises(ValueError, match="empty"):
+        quant.sensitivity(model, LOSS, (x[:0], y[:0]), num_matvecs=4)
+    with pytest.raises(ValueError, match="metric"):
+        quant.sensitivity(model, LOSS, data, metric="hessian", num_matvecs=4)
