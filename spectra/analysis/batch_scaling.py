@@ -1,0 +1,562 @@
+"""Sharpness of mini-batch curvature against batch size, and the learning rates it allows.
+
+Granziol, Zohren & Roberts, "Learning Rates as a Function of Batch Size: A Random Matrix Theory
+Approach to Neural Network Training" (JMLR 2022): the extreme eigenvalues of a mini-batch
+Hessian (or GGN) exceed those of the full-data one and shrink as the batch grows; the largest
+stable learning rate then grows linearly with the batch size for SGD and as its square root for
+Adam, until it saturates. Writing ``H_B = H_N + E_B`` with noise of entry variance ``∝ 1/B``, an
+outlier ``θ`` above the noise edge moves to ``θ + s²/θ`` (Wigner noise) and, for a sample
+covariance with spike ``ℓ`` and ``γ = P/B``, BBP gives ``λ_max(B) = ℓ + [ℓP/(ℓ−1)]/B``: in both
+cases ``λ_max(B) = λ_∞ + κ/B``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from curvature import GGN, Hessian, LinearOperator
+
+from ..eigsh import eigsh
+from ._common import check_int, check_positive_float, fresh_generator, tolist
+
+__all__ = [
+    "BatchScalingResult",
+    "DiagonallyScaledOperator",
+    "ScalingFit",
+    "batch_size_scaling",
+    "fit_batch_scaling",
+]
+
+logger = logging.getLogger(__name__)
+
+_CURVATURES = {"hessian": Hessian, "ggn": GGN}
+
+
+class DiagonallyScaledOperator(LinearOperator):
+    """``S A S`` for a positive diagonal ``S = diag(scale)``: an operator seen by a diagonal
+    preconditioner (Adam's ``D^{-1/2} H D^{-1/2}`` with ``scale = (√v̂ + ε)^{-1/2}``).
+
+    Example:
+        >>> import torch
+        >>> A = torch.eye(2, dtype=torch.float64)
+        >>> op = DiagonallyScaledOperator(A, torch.tensor([2.0, 3.0], dtype=torch.float64))
+        >>> (op @ torch.ones(2, dtype=torch.float64)).tolist()
+        [4.0, 9.0]
+    """
+
+    def __init__(self, op: Any, scale: Tensor):
+        from curvature import as_operator
+
+        A = as_operator(op)
+        if not isinstance(scale, Tensor) or scale.shape != (A.shape[0],):
+            raise ValueError(f"scale must be a tensor of shape ({A.shape[0]},)")
+        if not bool((scale > 0).all()) or not bool(torch.isfinite(scale).all()):
+            raise ValueError("scale must be positive and finite")
+        super().__init__(A.shape[0], A.dtype, A.device, A.blocks)
+        self.op = A
+        self.scale = scale.to(dtype=A.dtype, device=A.device)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        s = self.scale[:, None]
+        return s * (self.op @ (s * V))
+
+
+# ----------------------------------------------------------------------------- fits
+@dataclass(frozen=True)
+class ScalingFit:
+    """A weighted least-squares fit of ``λ(B)`` over batch sizes.
+
+    Laws:
+
+    * ``"L1"``: ``λ(B) = λ_∞ + κ/B`` (``coefficients = (λ_∞, κ)``); sampling without
+      replacement from ``N`` samples is the same line in ``1/B − 1/N`` (``λ_N = λ_∞ + κ/N``).
+    * ``"L3"``: ``λ(B) = (a + b/√B)²`` (``coefficients = (a, b)``), the noise-edge regime of
+      small batches.
+
+    Attributes:
+        law: ``"L1"`` or ``"L3"``.
+        coefficients, stderr: fitted parameters and their standard errors (scaled by the
+            reduced χ² when it exceeds 1).
+        chi2: weighted residual sum of squares in ``λ``; ``dof`` its degrees of freedom.
+    """
+
+    law: str
+    coefficients: tuple[float, float]
+    stderr: tuple[float, float]
+    chi2: float
+    dof: int
+
+    def predict(self, batch_size: Any) -> np.ndarray:
+        """``λ(B)`` of the fitted law."""
+        B = np.asarray(batch_size, dtype=np.float64)
+        a, b = self.coefficients
+        return a + b / B if self.law == "L1" else (a + b / np.sqrt(B)) ** 2
+
+    @property
+    def lambda_inf(self) -> float:
+        """``λ_∞``, the large-batch limit (``a²`` for ``"L3"``)."""
+        a = self.coefficients[0]
+        return a if self.law == "L1" else a * a
+
+    @property
+    def kappa(self) -> float:
+        """``κ`` of ``"L1"`` (NaN for ``"L3"``)."""
+        return self.coefficients[1] if self.law == "L1" else float("nan")
+
+    @property
+    def critical_batch_size(self) -> float:
+        """``B_crit = κ/λ_∞``: below it the noise term dominates and ``α_max ∝ B``."""
+        return self.kappa / self.lambda_inf if self.law == "L1" else float("nan")
+
+    def to_dict(self) -> dict:
+        return {
+            "law": self.law,
+            "coefficients": list(self.coefficients),
+            "stderr": list(self.stderr),
+            "chi2": self.chi2,
+            "dof": self.dof,
+            "lambda_inf": self.lambda_inf,
+            "kappa": self.kappa,
+            "critical_batch_size": self.critical_batch_size,
+        }
+
+
+def _wls(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    X = np.stack([np.ones_like(x), x], axis=1)
+    XtW = X.T * w
+    cov = np.linalg.inv(XtW @ X)
+    beta = cov @ (XtW @ y)
+    chi2 = float((w * (y - X @ beta) ** 2).sum())
+    dof = max(1, x.size - 2)
+    cov = cov * max(1.0, chi2 / dof)
+    return beta, np.sqrt(np.diag(cov)), chi2
+
+
+def fit_batch_scaling(
+    batch_sizes: Any, means: Any, stderr: Any = None, *, law: Literal["L1", "L3"] = "L1"
+) -> ScalingFit:
+    """Fit ``λ(B)`` by weighted least squares (weights ``1/s.e.²``; ``∝ B`` where no error bar).
+
+    Example:
+        >>> B = np.array([10.0, 20.0, 40.0, 80.0])
+        >>> fit = fit_batch_scaling(B, 3.0 + 50.0 / B)
+        >>> round(fit.lambda_inf, 6), round(fit.kappa, 6)
+        (3.0, 50.0)
+    """
+    B = np.asarray(batch_sizes, dtype=np.float64)
+    y = np.asarray(means, dtype=np.float64)
+    if B.ndim != 1 or B.shape != y.shape or B.size < 3:
+        raise ValueError("batch_sizes and means must be 1-D of the same length >= 3")
+    se = np.full_like(y, np.nan) if stderr is None else np.asarray(stderr, dtype=np.float64)
+    usable = np.isfinite(se) & (se > 0)
+    if usable.all():
+        w = 1.0 / se**2
+    else:
+        # Without error bars: the spike's variance is ∝ 1/B, so weight ∝ B.
+        w = B / B.mean()
+    if law == "L1":
+        beta, sd, chi2 = _wls(1.0 / B, y, w)
+    elif law == "L3":
+        if not (y > 0).all():
+            raise ValueError("law 'L3' needs positive values")
+        r = np.sqrt(y)
+        beta, sd, _ = _wls(1.0 / np.sqrt(B), r, w * 4 * y)  # var(√λ) = var(λ)/(4λ)
+        chi2 = float((w * (y - (beta[0] + beta[1] / np.sqrt(B)) ** 2) ** 2).sum())
+    else:
+        raise ValueError(f"law must be 'L1' or 'L3', got {law!r}")
+    return ScalingFit(law, (float(beta[0]), float(beta[1])), (float(sd[0]), float(sd[1])), chi2, max(1, B.size - 2))
+
+
+def _log_slope(x: np.ndarray, y: np.ndarray) -> float:
+    good = (x > 0) & (y > 0) & np.isfinite(y)
+    if good.sum() < 2:
+        return float("nan")
+    return float(np.polyfit(np.log(x[good]), np.log(y[good]), 1)[0])
+
+
+# ----------------------------------------------------------------------------- result
+@dataclass(frozen=True, eq=False)
+class BatchScalingResult:
+    """Extreme eigenvalues of mini-batch curvature across batch sizes, fits and learning rates.
+
+    Attributes:
+        batch_sizes: the batch sizes ``B``.
+        curvature: ``"hessian"`` or ``"ggn"``.
+        lambda_max, lambda_min: ``(num_B, num_batches)`` float64 extreme eigenvalues of each
+            batch's operator (``lambda_min`` NaN unless requested).
+        adam_lambda_max: ``(num_B, num_batches)`` largest eigenvalue of the Adam-preconditioned
+            operator ``D^{-1/2} H_B D^{-1/2}``, ``D = diag(√v̂_B + ε)`` with ``v̂_B`` the mean
+            squared mini-batch gradient at that ``B`` (NaN unless requested).
+        converged: ``(num_B, num_batches)`` whether every requested pair met ``tol``.
+        lambda_full_max, lambda_full_min: of the full-data operator (NaN unless computed).
+        num_samples: ``N``, the samples the batches were drawn from.
+        fit: the ``"L1"`` fit ``λ_∞ + κ/B`` of the means of ``lambda_max``; ``fit_edge`` the
+            ``"L3"`` fit; ``law`` the one with the smaller χ².
+        batch_indices: per batch size, the ``(num_batches, B)`` sample indices drawn.
+        num_matvecs: operator products spent (Lanczos and residual checks).
+    """
+
+    batch_sizes: tuple[int, ...]
+    curvature: str
+    lambda_max: Tensor
+    lambda_min: Tensor
+    adam_lambda_max: Tensor
+    converged: Tensor
+    lambda_full_max: float
+    lambda_full_min: float
+    num_samples: int
+    fit: ScalingFit
+    fit_edge: ScalingFit
+    law: str
+    num_matvecs: int
+    batch_indices: tuple[Tensor, ...] = field(repr=False)
+
+    # -- summaries over batches
+    @staticmethod
+    def _mean_se(values: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        v = values.double().numpy()
+        n = v.shape[1]
+        se = v.std(axis=1, ddof=1) / math.sqrt(n) if n > 1 else np.full(v.shape[0], np.nan)
+        return v.mean(axis=1), se
+
+    @property
+    def mean_lambda_max(self) -> np.ndarray:
+        """Mean of ``λ_max`` over batches, per batch size."""
+        return self._mean_se(self.lambda_max)[0]
+
+    @property
+    def stderr_lambda_max(self) -> np.ndarray:
+        """Standard error of that mean."""
+        return self._mean_se(self.lambda_max)[1]
+
+    @property
+    def mean_lambda_min(self) -> np.ndarray:
+        """Mean of ``λ_min`` over batches, per batch size."""
+        return self._mean_se(self.lambda_min)[0]
+
+    @property
+    def sgd_learning_rates(self) -> np.ndarray:
+        """Largest stable plain-SGD rate ``2/λ_max(H_B)`` per batch size (mean ``λ_max``)."""
+        return 2.0 / self.mean_lambda_max
+
+    @property
+    def adam_learning_rates(self) -> np.ndarray:
+        """Largest stable Adam rate ``2/λ_max(D^{-1/2} H_B D^{-1/2})`` per batch size."""
+        return 2.0 / self._mean_se(self.adam_lambda_max)[0]
+
+    @property
+    def sgd_exponent(self) -> float:
+        """Slope of ``log(2/λ_max)`` against ``log B`` (1 = linear scaling, 0 = saturated)."""
+        return _log_slope(np.asarray(self.batch_sizes, float), self.sgd_learning_rates)
+
+    @property
+    def adam_exponent(self) -> float:
+        """Slope of ``log α_max^{Adam}`` against ``log B`` (Granziol et al.: about 1/2)."""
+        return _log_slope(np.asarray(self.batch_sizes, float), self.adam_learning_rates)
+
+    @property
+    def excess_exponent(self) -> float:
+        """``p`` in ``λ_max(B) − λ_∞ ∝ B^{-p}``, measured (the model says 1; NaN if not positive)."""
+        return -_log_slope(np.asarray(self.batch_sizes, float), self.mean_lambda_max - self.fit.lambda_inf)
+
+    def max_learning_rate(self, batch_size: Any, *, momentum: float = 0.0) -> np.ndarray:
+        """``2(1+ρ)/(λ_∞ + κ/B)`` from the ``"L1"`` fit: heavy ball with momentum ``ρ`` is stable
+        on the local quadratic below it (linear in ``B`` for ``B ≪ B_crit``, then saturating)."""
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        return 2.0 * (1.0 + momentum) / self.fit.predict(batch_size)
+
+    def to_dict(self) -> dict:
+        """JSON-serializable summary (batch indices left out)."""
+        return {
+            "batch_sizes": list(self.batch_sizes),
+            "curvature": self.curvature,
+            "lambda_max": tolist(self.lambda_max),
+            "lambda_min": tolist(self.lambda_min),
+            "adam_lambda_max": tolist(self.adam_lambda_max),
+            "converged": tolist(self.converged),
+            "mean_lambda_max": tolist(self.mean_lambda_max),
+            "stderr_lambda_max": tolist(self.stderr_lambda_max),
+            "lambda_full_max": self.lambda_full_max,
+            "lambda_full_min": self.lambda_full_min,
+            "num_samples": self.num_samples,
+            "fit": self.fit.to_dict(),
+            "fit_edge": self.fit_edge.to_dict(),
+            "law": self.law,
+            "sgd_learning_rates": tolist(self.sgd_learning_rates),
+            "adam_learning_rates": tolist(self.adam_learning_rates),
+            "sgd_exponent": self.sgd_exponent,
+            "adam_exponent": self.adam_exponent,
+            "excess_exponent": self.excess_exponent,
+            "num_matvecs": self.num_matvecs,
+        }
+
+    def plot(self, axes: Any = None) -> Any:
+        """Granziol et al.'s figures: ``λ_max`` against ``B`` on log-log axes with error bars,
+        the fit and the full-data value; and the implied largest SGD and Adam learning rates.
+
+        Returns:
+            The two matplotlib axes.
+        """
+        from .plotting import plot_batch_scaling
+
+        return plot_batch_scaling(self, axes=axes)
+
+
+# ----------------------------------------------------------------------------- computation
+def _index(x: Any, idx: Tensor) -> Any:
+    if isinstance(x, Tensor):
+        return x[idx.to(x.device)]
+    if isinstance(x, (tuple, list)):
+        return type(x)(_index(t, idx) for t in x)
+    if isinstance(x, dict):
+        return {k: _index(v, idx) for k, v in x.items()}
+    raise TypeError(f"data must hold tensors (or tuples/dicts of tensors), got {type(x).__name__}")
+
+
+def _num_samples(x: Any) -> int:
+    if isinstance(x, Tensor):
+        return int(x.shape[0])
+    if isinstance(x, (tuple, list)) and x:
+        return _num_samples(x[0])
+    if isinstance(x, dict) and x:
+        return _num_samples(next(iter(x.values())))
+    raise TypeError(f"data must hold tensors (or tuples/dicts of tensors), got {type(x).__name__}")
+
+
+def _cat(parts: list) -> Any:
+    first = parts[0]
+    if isinstance(first, Tensor):
+        return torch.cat(parts)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_cat([p[i] for p in parts]) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: _cat([p[k] for p in parts]) for k in first}
+    raise TypeError(f"data must hold tensors, got {type(first).__name__}")
+
+
+def _as_dataset(data: Any) -> tuple[Any, Any]:
+    """One ``(inputs, targets)`` pair holding all samples (batches of an iterable are joined)."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor):
+        return data[0], data[1]
+    try:
+        batches = list(data)
+    except TypeError:
+        raise TypeError("data must be an (inputs, targets) pair or an iterable of such batches") from None
+    if not batches:
+        raise ValueError("data is empty")
+    return _cat([b[0] for b in batches]), _cat([b[1] for b in batches])
+
+
+def _unit(v: Tensor) -> Tensor:
+    return v / v.double().norm().to(v.dtype)
+
+
+@dataclass
+class _Warm:
+    """Start vectors carried from one batch's operator to the next."""
+
+    top: Tensor | None = None
+    bottom: Tensor | None = None
+
+
+def _extreme(
+    op: LinearOperator,
+    which: str,
+    start: Tensor | None,
+    *,
+    num_lanczos_vectors: int,
+    tol: float,
+    max_iter: int,
+    generator: torch.Generator,
+) -> tuple[float, Tensor, bool, int]:
+    """One extreme eigenpair by thick-restarted Lanczos from a warm start."""
+    d = op.shape[0]
+    noise = torch.randint(0, 2, (d,), generator=generator, dtype=torch.int8).to(op.dtype) * 2 - 1
+    noise = _unit(noise.to(op.device))
+    # A little of a random direction keeps every eigenvector in the Krylov space even when the
+    # new batch's extreme direction is orthogonal to the previous one.
+    v0 = noise if start is None else _unit(start) + 0.1 * noise
+    res = eigsh(
+        op,
+        k=1,
+        which=which,
+        tol=tol,
+        v0=v0,
+        num_lanczos_vectors=min(num_lanczos_vectors, d),
+        max_iter=max_iter,
+        generator=generator,
+    )
+    return float(res.eigenvalues[0]), res.eigenvectors[:, 0], bool(res.converged[0]), int(res.num_matvecs)
+
+
+def batch_size_scaling(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    data: Any,
+    *,
+    batch_sizes: Sequence[int] = (16, 32, 64, 128, 256),
+    num_batches: int = 8,
+    curvature: Literal["hessian", "ggn"] = "hessian",
+    smallest: bool = True,
+    adam: bool = True,
+    adam_eps: float = 1e-8,
+    full_data: bool = True,
+    num_steps: int = 10,
+    tol: float = 1e-5,
+    max_iter: int = 1000,
+    generator: torch.Generator | None = None,
+    **operator_options: Any,
+) -> BatchScalingResult:
+    """``λ_max`` (and ``λ_min``) of mini-batch Hessians or GGNs across batch sizes, at fixed weights.
+
+    For each ``B``, ``num_batches`` batches are drawn without replacement from the ``N`` samples
+    of ``data``; each gets ONE operator (its autograd graph is cached and serves every product),
+    and its extreme eigenvalues come from thick-restarted Lanczos (``spectra.eigsh`` with a small
+    basis of ``num_steps`` vectors) started from the previous batch's top (and bottom)
+    eigenvector plus a little noise, since the extreme directions change little between batches.
+
+    The means over batches are fitted with ``λ_∞ + κ/B`` (``"L1"``) and ``(a + b/√B)²``
+    (``"L3"``) by weighted least squares (:func:`fit_batch_scaling`), the law with the smaller χ²
+    is reported, and the largest stable rates follow: ``2/λ_max(H_B)`` for SGD (linear in ``B``
+    below ``B_crit = κ/λ_∞``), and ``2/λ_max(D^{-1/2} H_B D^{-1/2})`` for Adam, with
+    ``D = diag(√v̂_B + ε)`` and ``v̂_B`` the mean of the squared mini-batch gradients at that ``B``
+    (Granziol et al.: ``∝ √B``). Both exponents are *measured* (log-log slopes), not assumed.
+
+    Args:
+        model, loss_fn: as for :class:`curvature.Hessian` (``model.eval()`` first).
+        data: an ``(inputs, targets)`` pair of tensors holding all ``N`` samples (or an iterable
+            of such batches, joined).
+        batch_sizes: increasing batch sizes, each ``<= N``; a geometric grid spanning ``≥ 16×``
+            with ``≥ 5`` values gives a well-posed fit.
+        num_batches: batches per batch size (the error bars).
+        curvature: ``"hessian"`` or ``"ggn"``.
+        smallest: also compute ``λ_min``.
+        adam: also compute the Adam-preconditioned ``λ_max`` (one more gradient and Lanczos per
+            batch).
+        adam_eps: Adam's ``ε``.
+        full_data: also compute the full-data extremes (``spectra.eigsh``).
+        num_steps: Lanczos basis size per restart cycle (small, since a warm start is close).
+        tol: relative residual tolerance ``‖H x − θ x‖ ≤ tol·‖H‖``.
+        max_iter: most products per eigenvalue (unconverged batches are flagged in
+            ``converged``).
+        generator: randomness of the batches and start vectors.
+        **operator_options: passed to the operator (``params=``, ...).
+
+    Returns:
+        A :class:`BatchScalingResult`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(256, 5, generator=g, dtype=torch.float64)
+        >>> y = torch.randn(256, 1, generator=g, dtype=torch.float64)
+        >>> model = nn.Linear(5, 1, bias=False).double()
+        >>> res = batch_size_scaling(model, nn.MSELoss(), (x, y), batch_sizes=(8, 16, 32, 64),
+        ...                          num_batches=4, adam=False, generator=g)
+        >>> res.lambda_max.shape, bool(res.converged.all())
+        (torch.Size([4, 4]), True)
+    """
+    if curvature not in _CURVATURES:
+        raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
+    sizes = [check_int(b, "batch_sizes") for b in batch_sizes]
+    if len(sizes) < 3:
+        raise ValueError(f"batch_sizes needs at least 3 sizes for a fit, got {len(sizes)}")
+    if sorted(set(sizes)) != sizes:
+        raise ValueError(f"batch_sizes must be strictly increasing, got {tuple(batch_sizes)}")
+    R = check_int(num_batches, "num_batches", minimum=2)
+    num_steps = check_int(num_steps, "num_steps", minimum=2)
+    max_iter = check_int(max_iter, "max_iter")
+    tol = check_positive_float(tol, "tol")
+    adam_eps = check_positive_float(adam_eps, "adam_eps")
+    g = fresh_generator(generator)
+    inputs, targets = _as_dataset(data)
+    N = _num_samples(inputs)
+    if _num_samples(targets) != N:
+        raise ValueError(f"inputs hold {N} samples but targets {_num_samples(targets)}")
+    if sizes[-1] > N:
+        raise ValueError(
+            f"batch_sizes go up to {sizes[-1]}, but data holds only N={N} samples; "
+            "use batch sizes <= N (batches are drawn without replacement)"
+        )
+    make = _CURVATURES[curvature]
+
+    shape = (len(sizes), R)
+    lam_max = torch.full(shape, float("nan"), dtype=torch.float64)
+    lam_min = torch.full(shape, float("nan"), dtype=torch.float64)
+    adam_max = torch.full(shape, float("nan"), dtype=torch.float64)
+    converged = torch.zeros(shape, dtype=torch.bool)
+    all_indices = []
+    warm, warm_adam = _Warm(), _Warm()
+    matvecs = 0
+    for i, B in enumerate(sizes):
+        idx = torch.stack([torch.randperm(N, generator=g)[:B] for _ in range(R)])
+        all_indices.append(idx)
+        ops = [make(model, loss_fn, (_index(inputs, r), _index(targets, r)), **operator_options) for r in idx]
+        scales = None
+        if adam:
+            grads = []
+            for op in ops:
+                (_, xb, yb, _n), = op.batches()
+                loss = op.loss(xb, yb)
+                grads.append(op.flatten(list(torch.autograd.grad(loss, op.params))).detach())
+            v_hat = torch.stack(grads).double().pow(2).mean(0)
+            scales = (v_hat.sqrt() + adam_eps).rsqrt()
+        for j, op in enumerate(ops):
+            opts = dict(num_lanczos_vectors=num_steps, tol=tol, max_iter=max_iter, generator=g)
+            lam_max[i, j], warm.top, ok, mv = _extreme(op, "LA", warm.top, **opts)
+            matvecs += mv
+            if smallest:
+                lam_min[i, j], warm.bottom, ok_min, mv = _extreme(op, "SA", warm.bottom, **opts)
+                ok, matvecs = ok and ok_min, matvecs + mv
+            if adam:
+                pre = DiagonallyScaledOperator(op, scales)
+                adam_max[i, j], warm_adam.top, ok_adam, mv = _extreme(pre, "LA", warm_adam.top, **opts)
+                ok, matvecs = ok and ok_adam, matvecs + mv
+            converged[i, j] = ok
+            if hasattr(op, "release"):
+                op.release()
+    if not bool(converged.all()):
+        logger.warning("batch_size_scaling: %d of %d batches not converged", int((~converged).sum()), converged.numel())
+
+    full_max = full_min = float("nan")
+    if full_data:
+        full = make(model, loss_fn, (inputs, targets), **operator_options)
+        top = eigsh(full, k=1, which="LA", tol=tol, v0=warm.top, generator=g)
+        full_max = float(top.eigenvalues[0])
+        if smallest:
+            full_min = float(eigsh(full, k=1, which="SA", tol=tol, v0=warm.bottom, generator=g).eigenvalues[0])
+        matvecs += full.num_matvecs
+        if hasattr(full, "release"):
+            full.release()
+
+    v = lam_max.numpy()
+    means = v.mean(1)
+    se = v.std(1, ddof=1) / math.sqrt(R)
+    fit = fit_batch_scaling(sizes, means, se, law="L1")
+    fit_edge = fit_batch_scaling(sizes, means, se, law="L3") if (means > 0).all() else fit
+    law = "L3" if fit_edge.law == "L3" and fit_edge.chi2 < fit.chi2 else "L1"
+    return BatchScalingResult(
+        batch_sizes=tuple(sizes),
+        curvature=curvature,
+        lambda_max=lam_max,
+        lambda_min=lam_min,
+        adam_lambda_max=adam_max,
+        converged=converged,
+        lambda_full_max=full_max,
+        lambda_full_min=full_min,
+        num_samples=N,
+        fit=fit,
+        fit_edge=fit_edge,
+        law=law,
+        num_matvecs=int(matvecs),
+        batch_indices=tuple(all_indices),
+    )
