@@ -35,7 +35,8 @@ def plot_sensitivities(sensitivities: Mapping[str, LayerSensitivity], *, ax: Any
     ax.set_ylabel("average trace Tr(H_ii)/n_i" if metric == "trace" else "top eigenvalue λ_i")
     if log and all(v > 0 for v in values):
         ax.set_yscale("log")
-    ax.set_title("HAWQ sensitivity per layer (±2 s.e.)" if metric == "trace" else "HAWQ-V1 top eigenvalue per layer")
+    ax.set_title("HAWQ-V2 average trace per layer (±2 s.e.)" if metric == "trace"
+                 else "HAWQ-V1 top eigenvalue per layer (±2 residual norms)")
     return ax
 
 
