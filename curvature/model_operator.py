@@ -6,39 +6,28 @@ import abc
 import contextlib
 import logging
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
+from ._kernels import differentiable_kernels
+from ._state import BatchKey, ModelState, batch_key, capture_state, mode_dependent_modules, state_structure
 from .blocks import make_blocks
-from .data import as_batch_source, batch_size, call_model, is_single_batch, move_to, split_batch
+from .compat import exact_weight_norm, unwrap_compiled
+from .data import Batch, BatchSource, batch_tensors, call_model
 from .linear_operator import LinearOperator
-from .losses import LossInfo, describe_loss
+from .losses import LossInfo, LossNormaliser, describe_loss
+from .outputs import OutputSelector, select_output
 from .params import ParamSpec, select_parameters
 
-__all__ = ["ModelOperator"]
+__all__ = ["ModelOperator", "DEFAULT_GRAPH_CACHE_BYTES"]
 
 logger = logging.getLogger(__name__)
 
-_STOCHASTIC_LAYERS = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
-
-
-@contextlib.contextmanager
-def _differentiable_kernels() -> Iterator[None]:
-    """Use reference attention kernels: the fused ones (SDPA flash/efficient kernels, the
-    ``nn.MultiheadAttention``/``TransformerEncoderLayer`` inference fast path) lack forward-AD and
-    double-backward formulas."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-
+#: Kept for code that imported it: the kernel switch is :func:`curvature._kernels.differentiable_kernels`.
+_differentiable_kernels = differentiable_kernels
 
 #: Default memory budget for cached graphs when the data has several batches.
 DEFAULT_GRAPH_CACHE_BYTES = 1 << 30
@@ -62,29 +51,50 @@ def _measure_saved_bytes(build: Callable[[], Any], exclude: set[int]) -> tuple[A
     return value, sum(size for ptr, size in seen.items() if ptr not in exclude)
 
 
+@dataclass
+class _CacheEntry:
+    key: BatchKey
+    value: Any
+    nbytes: int
+
+
 class ModelOperator(LinearOperator):
     """Base class of curvature operators of ``loss_fn(model(inputs), targets)`` over a dataset.
 
     The matrix is the curvature of the loss over ALL samples of ``data``: with a ``mean``
-    reduction each batch's product is weighted by its number of samples (so a short last batch
-    gives the same answer as one big batch); with ``sum`` the batch products are added.
+    reduction each batch's product is weighted by its normaliser (its number of samples; see
+    :func:`curvature.data.batch_weight`), so a short last batch gives the same answer as one big
+    batch; with ``sum`` the batch products are added. :attr:`num_samples` and :attr:`num_batches`
+    count one pass over the data.
 
     Options shared by all model operators (keyword-only):
 
     * ``params``: parameter names, tensors or a predicate ``(name, tensor) -> bool``; default all
       parameters that require grad. The flat vector follows the model's parameter order
       (:attr:`blocks`).
-    * ``reduction``: ``"mean"`` or ``"sum"``; default ``loss_fn.reduction`` (else ``"mean"``).
+    * ``reduction``: ``"mean"`` or ``"sum"``, checked against the loss (a contradiction raises);
+      or a callable ``(inputs, targets) -> Z``, the loss's normaliser per batch. Default: read
+      off the loss (see :mod:`curvature.losses`: valid targets under ``ignore_index``, summed
+      class weights, elements of an element-wise mean, a lambda's recorded reductions).
+    * ``outputs``: ``outputs(model_output) -> tensor``, the tensor the loss takes; default the
+      output itself or its ``.logits`` (Hugging Face models, dicts).
     * ``probe_batch_size``: at most this many columns per batched pass (bounds memory).
     * ``cache_graph``: keep the autograd graphs of the data between products, so repeated
       products (Lanczos, Hutchinson probes) skip the forward (and, for the Hessian, the
       create-graph backward). ``None`` (default): cache a single batch always, and the batches of
       a data set while the graphs' saved tensors stay under ``graph_cache_bytes`` (1 GiB);
-      ``True``: cache all; ``False``: never. Cached graphs are rebuilt when a parameter changes
-      in place and are freed by :meth:`release` or on leaving a ``with`` block. Data must yield
-      the same batches in the same order on every pass (no shuffling), as for any operator.
-    * ``allow_train_mode``: analyse a model in train mode with Dropout/BatchNorm anyway (warns;
-      BatchNorm running statistics are restored after each product).
+      ``True``: cache all; ``False``: never. A cached graph is used only while everything the
+      product depends on is unchanged: every parameter and buffer of the model (selected or not;
+      in-place updates, ``p.data = new`` and ``p.data.add_(...)`` alike, see
+      :mod:`curvature._state`) and every module's train/eval mode; otherwise all graphs are
+      rebuilt. Batches are recognised by content (by identity for a single batch), so a
+      shuffling ``DataLoader`` gives the right answer: graphs of batches not drawn again are
+      dropped at the end of each pass. Graphs are freed by :meth:`release` or on leaving a
+      ``with`` block.
+    * ``allow_train_mode``: analyse a model in train mode anyway (warns). Without it, any module
+      in train mode whose code reads ``self.training`` (Dropout, BatchNorm, RReLU,
+      ``F.dropout(x, p, self.training)``, ...) is refused, naming the module; BatchNorm running
+      statistics are restored after each product in train mode.
     * ``check_finite``: raise on a NaN/inf loss or product, naming the batch (default on).
     * ``progress``: a tqdm bar over the batches of each product.
 
@@ -105,12 +115,16 @@ class ModelOperator(LinearOperator):
         allow_train_mode: bool = False,
         check_finite: bool = True,
         progress: bool = False,
+        outputs: OutputSelector = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if outputs is not None and not callable(outputs):
+            raise TypeError(f"outputs must be a callable model_output -> tensor, got {type(outputs).__name__}")
+        model = unwrap_compiled(model)
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        if probe_batch_size is not None and probe_batch_size < 1:
+        if probe_batch_size is not None and (isinstance(probe_batch_size, bool) or int(probe_batch_size) < 1):
             raise ValueError(f"probe_batch_size must be a positive integer, got {probe_batch_size}")
         names, tensors = select_parameters(model, params)
         p0 = tensors[0]
@@ -122,24 +136,88 @@ class ModelOperator(LinearOperator):
         self.loss_info: LossInfo = describe_loss(loss_fn, reduction)
         self.param_names = names
         self.params = tensors
-        self.probe_batch_size = probe_batch_size
+        self.probe_batch_size = int(probe_batch_size) if probe_batch_size is not None else None
         self.allow_train_mode = allow_train_mode
         self.check_finite = check_finite
         self.progress = progress
-        self._single_batch = is_single_batch(data)
-        self._data = as_batch_source(data)
+        self.outputs_fn = outputs
+        self._loss_normaliser = LossNormaliser(self.loss_info, loss_fn, self.forward, device=self.device)
+        self._source = BatchSource(
+            data, reduction=self.loss_info.reduction, device=self.device, normaliser=self._batch_normaliser()
+        )
+        self._single_batch = self._source.is_single
+        self._data = self._source.data
         # None: cache every graph of a single batch, and a data set's graphs up to the budget.
         self.cache_graph = True if (cache_graph is None and self._single_batch) else cache_graph
         self.graph_cache_bytes = int(graph_cache_bytes)
-        self._cache: dict[int, tuple[tuple[int, ...], Any]] = {}
+        self._cache: dict[int, _CacheEntry] = {}
         self._cache_bytes = 0
+        self._cache_state: ModelState | None = None  # the model state the cached graphs belong to
+        self._pass_keys: dict[int, BatchKey] = {}  # keys of the batches of the pass in progress
+        self._pass_seen: set[int] = set()
         self._check_mode()
+        # A lambda does not say whether it sums or averages: read it off the first batch.
+        self._loss_normaliser.strict = not self._single_batch
+        if self.loss_info.kind == "generic":
+            with self._preserved_buffers(), differentiable_kernels(), exact_weight_norm(self.model):
+                first = next(iter(self._source.data))
+                self.loss_info = self._loss_normaliser.resolve(first)
+            self._source.reduction = self.loss_info.reduction
+
+    def _batch_normaliser(self) -> Callable[[Any, Any], float] | None:
+        """The loss's own per-batch normaliser for :func:`curvature.data.batch_weight`
+        (:class:`curvature.losses.LossNormaliser`: valid targets, summed class weights, elements)."""
+        return self._loss_normaliser
+
+    # -- data ---------------------------------------------------------------------------------
+    @property
+    def batch_source(self) -> BatchSource:
+        """The :class:`~curvature.data.BatchSource` the products iterate (weights, counts, device moves)."""
+        return self._source
+
+    @property
+    def num_samples(self) -> int:
+        """Number of samples in one pass over the data (counted by the last product, or by a pass
+        over the data when asked before any)."""
+        return self._source.num_samples
+
+    @property
+    def num_batches(self) -> int:
+        """Number of batches in one pass over the data (counted like :attr:`num_samples`)."""
+        return self._source.num_batches
+
+    def batches(self) -> Iterator[tuple[int, Any, Any, int]]:
+        """Yield ``(index, inputs, targets, num_samples)`` with tensors on the operator's device."""
+        for batch in self._source:
+            yield batch.index, batch.inputs, batch.targets, batch.num_samples
+
+    def _pass_batches(self) -> Iterator[Batch]:
+        """The batches of one product pass, registering their cache keys."""
+        source: Any = self._source
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            source = tqdm(source, desc=type(self).__name__, leave=False)
+        caching = self.cache_graph is not False
+        for batch in source:
+            if caching:
+                self._pass_keys[batch.index] = batch_key(batch_tensors(batch.raw), by_content=not self._single_batch)
+            yield batch
+
+    def forward(self, inputs: Any) -> Any:
+        """The model's outputs on ``inputs`` (the tensor the loss takes, see ``outputs=``)."""
+        return select_output(call_model(self.model, inputs), self.outputs_fn, who=type(self).__name__)
+
+    def loss(self, inputs: Any, targets: Any, index: int = 0) -> Tensor:
+        """The batch loss (checked to be a finite scalar)."""
+        return self._check_loss(self.loss_fn(self.forward(inputs), targets), index)
 
     # -- graph cache ----------------------------------------------------------------------------
     def release(self) -> None:
         """Free the cached autograd graphs (a later product rebuilds them)."""
         self._cache.clear()
         self._cache_bytes = 0
+        self._cache_state = None
 
     @property
     def cached_graph_bytes(self) -> int:
@@ -152,37 +230,74 @@ class ModelOperator(LinearOperator):
     def __exit__(self, *exc: Any) -> None:
         self.release()
 
+    def _drop(self, index: int) -> None:
+        entry = self._cache.pop(index, None)
+        if entry is not None:
+            self._cache_bytes -= entry.nbytes
+
     def _cached(self, index: int, build: Callable[[], Any]) -> Any:
-        """``build()`` for batch ``index``, kept while caching is on, the budget allows, and no parameter changed."""
+        """``build()`` for batch ``index`` of the pass in progress, kept while caching is on and the
+        budget allows; a kept graph is reused only for the very same batch (see the class docs).
+
+        Outside a product pass (no key registered for ``index``) nothing is cached."""
         if self.cache_graph is False:
             return build()
-        versions = tuple(p._version for p in self.params)
-        hit = self._cache.get(index)
-        if hit is not None and hit[0] == versions:
-            return hit[1]
-        if hit is not None:  # parameters changed in place: every cached graph is stale
-            self.release()
+        key = self._pass_keys.get(index)
+        if key is None:
+            return build()
+        entry = self._cache.get(index)
+        if entry is not None:
+            if entry.key.matches(key):
+                self._pass_seen.add(index)
+                return entry.value
+            self._drop(index)  # another batch at this position (a shuffling loader)
         if self.cache_graph is None and self._cache_bytes >= self.graph_cache_bytes:
             return build()
         own = {t.untyped_storage().data_ptr() for t in (*self.model.parameters(), *self.model.buffers())}
         value, size = _measure_saved_bytes(build, own)
-        self._cache[index] = (versions, value)
+        self._cache[index] = _CacheEntry(key, value, size)
         self._cache_bytes += size
+        self._pass_seen.add(index)
         return value
+
+    @contextlib.contextmanager
+    def _product_pass(self) -> Iterator[None]:
+        """One pass of products over the data: invalidate stale graphs first; afterwards drop the
+        graphs of batches not met again and record the state the remaining graphs belong to."""
+        caching = self.cache_graph is not False
+        state = None
+        if caching:
+            state = capture_state(self.model)
+            if self._cache and not state.matches(self._cache_state):
+                logger.debug("%s: the model changed; rebuilding its cached graphs", type(self).__name__)
+                self.release()
+            self._pass_keys, self._pass_seen = {}, set()
+        completed = False
+        try:
+            with self._preserved_buffers():
+                yield
+            completed = True
+        finally:
+            if caching:
+                if completed:
+                    for index in [i for i in self._cache if i not in self._pass_seen]:
+                        self._drop(index)
+                self._pass_keys = {}
+                if self._cache and state is not None:
+                    # Our own train-mode forwards bump buffer versions (values restored): re-capture.
+                    same = state_structure(self.model) == state.structure
+                    self._cache_state = state if same else capture_state(self.model)
 
     # -- checks -------------------------------------------------------------------------------
     def _check_mode(self) -> None:
-        offenders = [
-            name or type(m).__name__
-            for name, m in self.model.named_modules()
-            if isinstance(m, _STOCHASTIC_LAYERS) and m.training
-        ]
+        offenders = mode_dependent_modules(self.model)
         if not offenders:
             return
+        listed = ", ".join(f"'{name}' ({kind})" for name, kind in offenders[:4])
         message = (
-            f"the model is in train mode with Dropout/BatchNorm layers ({', '.join(offenders[:4])}"
-            f"{', ...' if len(offenders) > 4 else ''}), so curvature products would not be deterministic; "
-            "call model.eval() first"
+            f"the model is in train mode and modules that behave differently in train mode are in it: {listed}"
+            f"{', ...' if len(offenders) > 4 else ''}; curvature products would be random or not those of the "
+            "model you evaluate; call model.eval() first"
         )
         if not self.allow_train_mode:
             raise RuntimeError(message + ", or pass allow_train_mode=True to analyse train mode deliberately")
@@ -198,31 +313,6 @@ class ModelOperator(LinearOperator):
             raise FloatingPointError(f"the loss is {loss.item()} on batch {index}")
         return loss
 
-    # -- data ---------------------------------------------------------------------------------
-    def batches(self) -> Iterator[tuple[int, Any, Any, int]]:
-        """Yield ``(index, inputs, targets, num_samples)`` with tensors on the operator's device."""
-        count = 0
-        source = self._data
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            source = tqdm(source, desc=type(self).__name__, leave=False)
-        for index, batch in enumerate(source):
-            inputs, targets = split_batch(batch)
-            inputs, targets = move_to(inputs, self.device), move_to(targets, self.device)
-            count += 1
-            yield index, inputs, targets, batch_size(inputs, targets)
-        if count == 0:
-            raise ValueError("data is empty: it yielded no batches")
-
-    def forward(self, inputs: Any) -> Any:
-        """The model's outputs on ``inputs``."""
-        return call_model(self.model, inputs)
-
-    def loss(self, inputs: Any, targets: Any, index: int = 0) -> Tensor:
-        """The batch loss (checked to be a finite scalar)."""
-        return self._check_loss(self.loss_fn(self.forward(inputs), targets), index)
-
     # -- products -----------------------------------------------------------------------------
     @abc.abstractmethod
     def _batch_product(self, index: int, inputs: Any, targets: Any, V: list[Tensor]) -> list[Tensor]:
@@ -232,7 +322,7 @@ class ModelOperator(LinearOperator):
         """
 
     def _split(self, V: Tensor) -> list[Tensor]:
-        Vt = V.T.contiguous()  # columns as contiguous rows: strided grad_outputs slow down every kernel
+        Vt = V.T if V.shape[1] == 1 else V.T.contiguous()  # columns as rows: strided grad_outputs are slow
         return [Vt[:, b.slice].reshape(V.shape[1], *b.shape) for b in self.blocks]
 
     def _column_chunks(self, k: int) -> Iterator[slice]:
@@ -245,38 +335,49 @@ class ModelOperator(LinearOperator):
         self._check_mode()
         k = V.shape[1]
         V_list = self._split(V)
-        total = torch.empty(k, self.shape[0], dtype=self.dtype, device=self.device)
-        num_samples = 0
-        with self._preserved_state(), _differentiable_kernels():
-            for index, inputs, targets, n in self.batches():
-                weight = n if self.loss_info.reduction == "mean" else 1
-                parts = self._batch_product(index, inputs, targets, V_list)
+        mean = self.loss_info.reduction == "mean"
+        with self._product_pass(), differentiable_kernels(), exact_weight_norm(self.model):
+            first: tuple[list[Tensor], float] | None = None
+            total: Tensor | None = None
+            weights = 0.0
+            for batch in self._pass_batches():
+                parts = self._batch_product(batch.index, batch.inputs, batch.targets, V_list)
+                weight = batch.weight
+                weights += weight
+                if first is None:  # kept unscaled: one batch needs no weighting at all
+                    first = (parts, weight)
+                    continue
+                if total is None:
+                    total = self._flat(first[0], k)
+                    total.mul_(first[1])
                 for block, part in zip(self.blocks, parts):
-                    dest = total[:, block.slice]
-                    if num_samples == 0:
-                        torch.mul(part.reshape(k, -1), weight, out=dest)
-                    else:
-                        dest.add_(part.reshape(k, -1), alpha=weight)
-                num_samples += n
-            if self.loss_info.reduction == "mean":
-                total /= num_samples
+                    total[:, block.slice].add_(part.reshape(k, -1), alpha=weight)
+            assert first is not None  # the batch source raises on empty data
+            if total is None:
+                total = self._flat(first[0], k)
+            elif mean:
+                total /= weights
             # One check per product; the batch is located only when it fails.
-            if self.check_finite and not torch.isfinite(total).all():
+            if self.check_finite and not bool(torch.isfinite(total).all()):
                 self._raise_non_finite(V_list)
         return total.T
 
+    def _flat(self, parts: list[Tensor], k: int) -> Tensor:
+        """Per-parameter ``(k, *shape)`` results as one ``(k, d)`` tensor (one copy)."""
+        return torch.cat([p.reshape(k, -1) for p in parts], dim=1)
+
     def _raise_non_finite(self, V_list: list[Tensor]) -> None:
-        for index, inputs, targets, _ in self.batches():
-            parts = self._batch_product(index, inputs, targets, V_list)
+        for batch in self._pass_batches():
+            parts = self._batch_product(batch.index, batch.inputs, batch.targets, V_list)
             if not all(torch.isfinite(p).all() for p in parts):
-                raise FloatingPointError(f"{type(self).__name__} product is not finite on batch {index}")
+                raise FloatingPointError(f"{type(self).__name__} product is not finite on batch {batch.index}")
         raise FloatingPointError(f"{type(self).__name__} product is not finite (it overflowed when summing batches)")
 
     @contextlib.contextmanager
-    def _preserved_state(self) -> Iterator[None]:
+    def _preserved_buffers(self) -> Iterator[None]:
         """Restore buffers (BatchNorm running statistics in train mode) after the products."""
         saved = None
-        if self.allow_train_mode and self.model.training:
+        if self.allow_train_mode and any(m.training for m in self.model.modules()):
             saved = {name: b.detach().clone() for name, b in self.model.named_buffers()}
         try:
             yield
