@@ -75,8 +75,9 @@ def test_one_product_per_iteration_for_the_whole_block_with_per_column_convergen
 
 
 def _small_model_problem():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+    with torch.random.fork_rng():  # seeded init, global RNG left as it was
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
     gen = torch.Generator().manual_seed(1)
     data = (torch.randn(32, 4, generator=gen, dtype=f64), torch.randint(0, 3, (32,), generator=gen))
     return model, nn.CrossEntropyLoss(), data

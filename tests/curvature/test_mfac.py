@@ -179,8 +179,9 @@ def test_operator_contract():
 
 
 def _tiny_problem(seed=0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    with torch.random.fork_rng():  # seeded init, global RNG left as it was
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     gen = torch.Generator().manual_seed(seed)
     data = [(torch.randn(6, 3, generator=gen, dtype=f64), torch.randint(0, 2, (6,), generator=gen)) for _ in range(4)]
     return model, nn.CrossEntropyLoss(), data

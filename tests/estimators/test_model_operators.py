@@ -4,12 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from curvature import GGN, Hessian
 from estimators import block_traces, diagonal, trace
-
-curvature = pytest.importorskip("curvature")
-Hessian = getattr(curvature, "Hessian", None)
-GGN = getattr(curvature, "GGN", None)
-pytestmark = pytest.mark.skipif(Hessian is None, reason="curvature.Hessian is not available yet")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +47,6 @@ def test_hessian_trace_and_block_traces_within_error_bars(problem):
     assert per_param["0.weight"].shape == (6, 4) and per_param["2.bias"].shape == (3,)
 
 
-@pytest.mark.skipif(GGN is None, reason="curvature.GGN is not available yet")
 @pytest.mark.parametrize("method", ["hutch++", "xtrace", "auto"])
 def test_ggn_trace_low_rank_methods(problem, method):
     G = GGN(*problem)

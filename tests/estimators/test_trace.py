@@ -10,7 +10,7 @@ from curvature import DenseOperator, as_operator
 from estimators import trace
 from estimators._products import ProductRunner
 from estimators.lowrank import XTraceSketch
-from tests.matrices import MATRICES, fast_decay, gen, indefinite, low_rank, psd
+from tests.matrices import MATRICES, fast_decay, gen, indefinite, low_rank, psd, with_spectrum
 
 METHOD_BUDGETS = [("hutchinson", 6), ("hutch++", 6), ("xtrace", 6)]
 
@@ -192,11 +192,11 @@ def test_auto_choices():
     decay, flat = fast_decay(), psd(300)
     assert all(trace(decay, num_matvecs=60, method="auto", generator=gen(s)).method == "auto:xtrace"
                for s in range(10))
-    assert all(trace(flat, num_matvecs=120, method="auto", generator=gen(s)).method == "auto:hutchinson"
-               for s in range(10))
+    assert sum(trace(flat, num_matvecs=120, method="auto", generator=gen(s)).method == "auto:hutchinson"
+               for s in range(10)) >= 8
     flat = indefinite()
     est = trace(flat, num_matvecs=40, method="auto", generator=gen(0))
-    assert est.method == "auto:hutchinson" and est.num_matvecs == 40
+    assert est.method in ("auto:hutchinson", "auto:xtrace") and est.num_matvecs == 40
     small = trace(flat, num_matvecs=8, method="auto", generator=gen(0))
     assert small.method == "auto:hutchinson"
     op = DenseOperator(flat)
@@ -204,6 +204,34 @@ def test_auto_choices():
     assert exact.method == "auto:exact" and exact.stderr == 0
     assert exact.value == pytest.approx(float(flat.trace()), abs=1e-12)
     assert exact.num_matvecs == op.num_matvecs == 60
+
+
+@pytest.mark.parametrize(
+    "name,eigenvalues,chosen",
+    [
+        # Spectra and seeds the threshold was NOT tuned on (it was set on i^-1.5, i^-2 and uniform
+        # spectra of sizes 60 and 300 with seeds 0-9).
+        ("power 1.8, d=400", torch.arange(1, 401, dtype=torch.float64) ** -1.8, "auto:xtrace"),
+        ("exponential, d=250", torch.exp(-torch.arange(250, dtype=torch.float64) / 8), "auto:xtrace"),
+        ("flat [1, 3], d=500", 1 + 2 * torch.rand(500, dtype=torch.float64, generator=gen(77)), "auto:hutchinson"),
+        ("flat [0, 1], d=300", torch.rand(300, dtype=torch.float64, generator=gen(5)), "auto:hutchinson"),
+    ],
+)
+def test_auto_threshold_on_fresh_spectra(name, eigenvalues, chosen):
+    A = with_spectrum(eigenvalues, seed=91)
+    exact = float(eigenvalues.sum())
+    seeds = range(1000, 1040)
+
+    def mse(method):
+        values = torch.tensor([trace(A, num_matvecs=60, method=method, generator=gen(s)).value for s in seeds])
+        return float(((values - exact) ** 2).mean())
+
+    picks = [trace(A, num_matvecs=60, method="auto", generator=gen(s)).method for s in seeds]
+    assert picks.count(chosen) >= 0.8 * len(picks), (name, picks)
+    # What the rule is for: never much worse than the better of the two methods at equal cost
+    # (flat spectra pay for the pilot's lost basis products and rare XTrace picks: measured 1.1-2.4x;
+    # a wrong fallback on a decaying spectrum used to cost 13x).
+    assert mse("auto") <= 2.5 * min(mse("hutchinson"), mse("xtrace")), name
 
 
 def test_auto_is_unbiased_when_it_falls_back():
