@@ -17,7 +17,9 @@ __all__ = ["inverse", "CGInverse", "CGInfo"]
 
 logger = logging.getLogger(__name__)
 
-Preconditioner = Union[None, Tensor, LinearOperator, Callable[[Tensor], Tensor], Any]
+#: A preconditioner: an operator (or anything :func:`curvature.as_operator` accepts, e.g. a SciPy
+#: operator), a ``(d,)`` diagonal, or a callable on ``(d, k)`` blocks.
+Preconditioner = Union[None, Tensor, LinearOperator, Callable[[Tensor], Tensor]]
 
 METHODS = ("cg",)
 

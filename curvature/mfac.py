@@ -117,8 +117,8 @@ class MFACInverse(LinearOperator):
     with ``m >= B`` take ``B x B`` each instead.
 
     Accuracy: with float64 gradients, products match an explicit inverse to about ``1e-12``.
-    With float32 the relative error of ``F⁻¹ x`` for a generic ``x`` is a few ``1e-7`` (spec
-    C.11 data, damping ``1e-6`` to ``1e-2``; a float32 explicit inverse is off by ``1e-2`` there),
+    With float32 the relative error of ``F⁻¹ x`` for a generic ``x`` is a few ``1e-7`` (correlated
+    gradients, damping ``1e-6`` to ``1e-2``; a float32 explicit inverse is off by ``1e-2`` there),
     but for ``x`` inside the span of the gradients the result is a small difference of large
     terms and its error grows like ``1 / damping``; use float64 there.
 
@@ -170,7 +170,7 @@ class MFACInverse(LinearOperator):
         self.block_size = block_size
         # Gram sums run in float32 over chunks of at most _GRAM_CHUNK terms and are added up in
         # float64: as accurate as exact float64 products to within 2x here (random x: 3e-7 vs
-        # 1.2e-7 vs 1.7e-6 for one float32 G Gᵀ, spec C.11 data), at float32 GEMM speed.
+        # 1.2e-7 vs 1.7e-6 for one float32 G Gᵀ, correlated gradients), at float32 GEMM speed.
         self._gram_dtype = torch.float64 if G.dtype == torch.float64 else torch.float32
         width = d if block_size is None else min(block_size, d)
         num_full, ragged = divmod(d, width)

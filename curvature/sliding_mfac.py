@@ -3,10 +3,10 @@
 State: the window ``G`` (``m x d`` ring buffer, empty slots are zero rows) and its Gram matrix
 ``K = G Gᵀ`` in float64. With ``A = λ I + K / m``:
 
-* arbitrary ``x`` (Woodbury, spec D0): ``F⁻¹ x = x / λ − Gᵀ A⁻¹ (G x) / (λ m)``;
-* a window gradient ``x = Gᵀ e`` (push-through, spec D1): ``F⁻¹ Gᵀ e = Gᵀ A⁻¹ e``. This has no
+* arbitrary ``x`` (Woodbury): ``F⁻¹ x = x / λ − Gᵀ A⁻¹ (G x) / (λ m)``;
+* a window gradient ``x = Gᵀ e`` (push-through): ``F⁻¹ Gᵀ e = Gᵀ A⁻¹ e``. This has no
   cancellation, so :meth:`SlidingMFACInverse.update_and_multiply` (the optimizer's call) stays
-  accurate in float32 for any damping, where D0 loses digits like ``1 / λ``.
+  accurate in float32 for any damping, where the Woodbury form loses digits like ``1 / λ``.
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ def test_equals_sherman_morrison_chain(lam):
 @pytest.mark.parametrize(
     "d,m,B",
     [
-        (1000, 16, 128),  # 7 full blocks + a ragged block of 104 (spec C.3)
+        (1000, 16, 128),  # 7 full blocks + a ragged block of 104
         (37, 16, 8),  # m >= B: explicit per-block inverses, ragged 5
         (37, 16, 20),  # m < B for the full block and m < 17 for the ragged one
         (50, 12, 10),  # no ragged block
@@ -140,7 +140,7 @@ def test_inplace_overwrites_grads_and_keeps_results():
 
 
 def test_float32_accuracy():
-    # spec C.11: correlated gradients, float32 storage, float64 reference
+    # correlated gradients, float32 storage, float64 reference
     d, m = 20000, 128
     gen = torch.Generator().manual_seed(0)
     G64 = torch.randn(d, generator=gen, dtype=f64) * 1e-2 + torch.randn(m, d, generator=gen, dtype=f64) * 3e-3
@@ -153,7 +153,7 @@ def test_float32_accuracy():
 
 
 def test_obs_pruning_identities():
-    # spec C.13 on the quadratic L(w) = ½ (w − w*)ᵀ F (w − w*)
+    # on the quadratic L(w) = ½ (w − w*)ᵀ F (w − w*)
     d, m, lam = 120, 24, 1e-2
     G = gradients(m, d, seed=9)
     F = lam * torch.eye(d, dtype=f64) + G.T @ G / m

@@ -23,7 +23,7 @@ def stream(n, d, seed=0, dtype=f64):
 
 
 def test_fill_then_wrap_matches_static_inverse_of_last_m():
-    # spec C.5: m=32, d=500; 32 updates, then 45 more (the ring wraps)
+    # m=32, d=500; 32 updates, then 45 more (the ring wraps)
     d, m, lam = 500, 32, 1e-3
     G = stream(77, d)
     x = torch.randn(d, 3, dtype=f64, generator=torch.Generator().manual_seed(1))
@@ -42,7 +42,7 @@ def test_fill_then_wrap_matches_static_inverse_of_last_m():
 
 
 def test_partial_window_divides_by_full_m():
-    # spec C.6: after 5 of m=32 updates F = λI + (1/32) Σ_5 g gᵀ
+    # after 5 of m=32 updates F = λI + (1/32) Σ_5 g gᵀ
     d, m, lam = 60, 32, 1e-2
     G = stream(5, d, seed=2)
     inv = SlidingMFACInverse(d, num_grads=m, damping=lam, dtype=f64)
@@ -88,7 +88,7 @@ def test_float32_stays_accurate_over_many_updates():
 
 
 def test_in_window_product_is_cancellation_free_in_float32():
-    # spec C.12 (smaller d): correlated gradients, x = the gradient just inserted
+    # correlated gradients, x = the gradient just inserted
     d, m = 5000, 64
     gen = torch.Generator().manual_seed(5)
     G = torch.randn(d, generator=gen, dtype=f64) * 1e-2 + torch.randn(m, d, generator=gen, dtype=f64) * 3e-3

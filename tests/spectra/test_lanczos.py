@@ -1,4 +1,4 @@
-"""Lanczos invariants, Gauss-quadrature exactness, breakdown and batching (spec 03 §8.1, 8.2, 8.6)."""
+"""Lanczos invariants, Gauss-quadrature exactness, breakdown and batching."""
 
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ def test_ghost_eigenvalues_only_without_reorthogonalization():
         nodes, weights = spectra.lanczos(A, num_steps=150, v0=v, reorthogonalize=mode).quadrature()
         counts[mode] = int(((nodes[0] - 10).abs() < 0.2).sum())
     assert counts["full"] == 1
-    assert counts["none"] > 1  # ghost copies of the outlier (spec 03 §2)
+    assert counts["none"] > 1  # ghost copies of the outlier (Paige 1971)
 
 
 def test_float32_operator_accumulates_float64_coefficients():

@@ -1,4 +1,4 @@
-"""SLQ densities and spectral sums (spec 03 §8.2–8.5, 8.7), checkpoints, save/load and plots."""
+"""SLQ densities and spectral sums, checkpoints, save/load and plots."""
 
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def test_density_integrates_to_one_and_lies_in_spectrum():
 
 
 def test_density_close_to_truth():
-    # Spec 03 §8.4, smaller: a bulk plus outliers, L1 error of the broadened density.
+    # A bulk plus outliers, L1 error of the broadened density.
     d = 600
     bulk = (torch.randn(d - 5, 4, generator=gen(47), dtype=torch.float64) ** 2).mean(1)  # chi²₄/4
     outliers = torch.tensor([20.0, 16.0, 13.0, 11.0, 9.0], dtype=torch.float64)
