@@ -14,6 +14,7 @@ Example:
     5050
 """
 
+from . import analysis
 from .density import SpectralDensity, SpectralSumEstimate, default_sigma
 from .eigsh import eigsh
 from .lanczos import LanczosResult, lanczos
@@ -30,6 +31,7 @@ __all__ = [
     "RestrictedOperator",
     "SpectralDensity",
     "SpectralSumEstimate",
+    "analysis",
     "default_sigma",
     "eigsh",
     "lanczos",
