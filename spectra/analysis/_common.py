@@ -8,8 +8,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from curvature import DenseOperator, LinearOperator, as_operator
-from curvature.model_operator import ModelOperator
+from curvature import GGN, DenseOperator, EmpiricalFisher, Fisher, Hessian, LinearOperator, as_operator
+
+#: Curvature operators of a model: symmetric by construction.
+_MODEL_OPERATORS = (Hessian, GGN, Fisher, EmpiricalFisher)
 
 __all__: list[str] = []
 
@@ -51,7 +53,7 @@ def symmetric_operator(op: Any, *, name: str = "op", generator: torch.Generator 
     A = as_operator(op, name=name)
     if not getattr(A, "is_symmetric", True):
         raise ValueError(f"{name} must be a symmetric operator (it declares is_symmetric=False)")
-    if isinstance(A, ModelOperator):
+    if isinstance(A, _MODEL_OPERATORS):
         return A
     eps = torch.finfo(A.dtype).eps if A.dtype.is_floating_point else 1e-7
     tol = max(1e3 * eps, 1e-10)
