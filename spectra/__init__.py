@@ -18,7 +18,7 @@ from . import analysis
 from .density import SpectralDensity, SpectralSumEstimate, default_sigma
 from .eigsh import eigsh
 from .lanczos import LanczosResult, lanczos
-from .landscape import LossLandscape, loss_landscape
+from .landscape import LossLandscape, dataset_loss, loss_landscape
 from .power_iteration import power_iteration
 from .restrict import RestrictedOperator, restrict
 from .results import EigenResult
@@ -32,6 +32,7 @@ __all__ = [
     "SpectralDensity",
     "SpectralSumEstimate",
     "analysis",
+    "dataset_loss",
     "default_sigma",
     "eigsh",
     "lanczos",

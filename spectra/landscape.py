@@ -8,13 +8,11 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from curvature.blocks import make_blocks, unflatten_vector
-from curvature.data import as_batch_source, batch_size, call_model, move_to, split_batch
-from curvature.params import select_parameters
+from curvature import Hessian, ModelOperator
 
 from .results import EigenResult
 
-__all__ = ["LossLandscape", "loss_landscape"]
+__all__ = ["LossLandscape", "dataset_loss", "loss_landscape"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,6 +80,33 @@ def _directions(directions: Any) -> tuple[Tensor, tuple[float, ...] | None]:
     return U / norms.to(U.dtype), eigenvalues
 
 
+def dataset_loss(op: ModelOperator) -> Tensor:
+    """The loss over all of ``op``'s data, the function whose curvature ``op`` is.
+
+    ``Σ_b w_b L_b / Σ_b w_b`` for a mean loss (``w_b`` the batch's normaliser, as in the
+    operators' products), ``Σ_b L_b`` for a sum; differentiable when grad mode is on.
+
+    Example:
+        >>> from curvature import Hessian
+        >>> x, y = torch.ones(4, 2), torch.zeros(4, 1)
+        >>> model = nn.Linear(2, 1)
+        >>> with torch.no_grad():
+        ...     _ = model.weight.fill_(1.0), model.bias.fill_(0.0)
+        >>> data = [(x[:3], y[:3]), (x[3:], y[3:])]
+        >>> float(dataset_loss(Hessian(model, nn.MSELoss(), data)))
+        4.0
+    """
+    source = op.batch_source
+    total: Tensor | None = None
+    weight = 0.0
+    for batch in source:
+        term = op.loss(batch.inputs, batch.targets, batch.index) * batch.weight
+        total = term if total is None else total + term
+        weight += batch.weight
+    assert total is not None  # the batch source refuses empty data
+    return total / weight if source.reduction == "mean" else total
+
+
 def loss_landscape(
     model: nn.Module,
     loss_fn: Callable[..., Tensor],
@@ -98,14 +123,16 @@ def loss_landscape(
     grid (2-D). Typical use: the top Hessian eigenvectors from :func:`spectra.eigsh`, which show
     how sharp the minimum is along its most curved directions. Directions are normalized to unit
     length. The flat direction vector is mapped onto the parameters in the model's order (as in
-    ``curvature``'s operators, via ``curvature.blocks``); the parameters are restored afterwards,
+    ``curvature``'s operators); the parameters are restored afterwards,
     even on error. Costs ``num_points`` (or ``num_points²``) loss evaluations over ``data`` plus
     one gradient.
 
     Args:
         model: the network (evaluated as it is; call ``model.eval()`` first).
-        loss_fn: ``loss_fn(outputs, targets) -> scalar`` with a mean reduction.
-        data: one ``(inputs, targets)`` batch or a re-iterable of batches (sample-weighted mean).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar`` (mean or sum reduction, as for the
+            operators).
+        data: one ``(inputs, targets)`` batch or a re-iterable of batches, combined exactly as
+            the curvature operators combine them (:func:`dataset_loss`).
         directions: ``(d,)``, ``(d, 1)`` or ``(d, 2)`` tensor, or an :class:`EigenResult` (its first
             one or two eigenvectors; their eigenvalues give the quadratic model of the plot).
         radius: largest step length.
@@ -127,30 +154,20 @@ def loss_landscape(
         raise ValueError(f"radius must be > 0, got {radius}")
     if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 2:
         raise ValueError(f"num_points must be an int >= 2, got {num_points!r}")
-    names, tensors = select_parameters(model, params)
-    blocks = make_blocks(names, [tuple(p.shape) for p in tensors])
-    d = blocks[-1].slice.stop
+    # The operator core's batch source weights the batches exactly as the curvature operators do
+    # (mean or sum reduction, the loss's own normaliser); no product is ever computed with it.
+    op = Hessian(model, loss_fn, data, params=params, cache_graph=False)
+    tensors = op.params
+    d = op.shape[0]
     U, eigenvalues = _directions(directions)
     if U.shape[0] != d:
         raise ValueError(f"directions have length {U.shape[0]}, but the selected parameters have d={d}")
-    device, dtype = tensors[0].device, tensors[0].dtype
+    device, dtype = op.device, op.dtype
     U = U.to(device=device, dtype=dtype)
-    per_param = unflatten_vector(U, blocks)  # each (*shape, n_dirs)
-    batches = [split_batch(b) for b in as_batch_source(data)]
-    if not batches:
-        raise ValueError("data holds no batches")
-
-    def full_loss() -> Tensor:
-        total, count = 0.0, 0
-        for inputs, targets in batches:
-            inputs, targets = move_to(inputs, device), move_to(targets, device)
-            n = batch_size(inputs, targets)
-            total = total + loss_fn(call_model(model, inputs), targets) * n
-            count += n
-        return total / count
+    per_param = op.unflatten(U)  # each (*shape, n_dirs)
 
     with torch.enable_grad():
-        base = full_loss()
+        base = dataset_loss(op)
         grads = torch.autograd.grad(base, tensors, allow_unused=True, materialize_grads=True)
     slopes = tuple(
         float(sum((g * u[..., i]).sum() for g, u in zip(grads, per_param))) for i in range(U.shape[1])
@@ -165,7 +182,7 @@ def loss_landscape(
                 step = coords[index].to(device=device, dtype=dtype)
                 for p, p0, u in zip(tensors, originals, per_param):
                     p.copy_(p0 + u @ step)
-                losses[tuple(index.tolist())] = float(full_loss())
+                losses[tuple(index.tolist())] = float(dataset_loss(op))
     finally:
         with torch.no_grad():
             for p, p0 in zip(tensors, originals):

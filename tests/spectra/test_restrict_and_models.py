@@ -133,3 +133,16 @@ def test_loss_landscape_along_top_eigenvectors(tmp_path):
         assert float(matplotlib.image.imread(path)[..., :3].std()) > 0.05
     with pytest.raises(ValueError, match="directions have length"):
         spectra.loss_landscape(model, loss_fn, data, directions=torch.ones(5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_landscape_over_uneven_batches_equals_one_batch(reduction):
+    model, _, (x, y) = _tiny_problem()
+    loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+    direction = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64, generator=gen(3))
+    whole = spectra.loss_landscape(model, loss_fn, (x, y), directions=direction, num_points=5, radius=0.5)
+    split = [(x[:20], y[:20]), (x[20:27], y[20:27]), (x[27:], y[27:])]
+    parts = spectra.loss_landscape(model, loss_fn, split, directions=direction, num_points=5, radius=0.5)
+    torch.testing.assert_close(parts.losses, whole.losses, rtol=1e-12, atol=1e-12)
+    assert parts.base_loss == pytest.approx(float(loss_fn(model(x), y).detach()), rel=1e-12)
+    assert parts.slopes == pytest.approx(whole.slopes, rel=1e-10)
