@@ -14,6 +14,8 @@ from torch import Tensor
 
 from ._products import ProductRunner, column_dots
 
+__all__ = ["OrthonormalBasis", "XTraceSketch", "leave_one_out_directions", "xtrace_estimates"]
+
 #: Singular values of ``R`` below this fraction of the largest are treated as zero (a sketch of
 #: a matrix whose rank is below the number of test vectors).
 _RANK_TOL = 1e-13

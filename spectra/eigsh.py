@@ -15,7 +15,7 @@ from curvature.probes import draw_probes, make_generator
 from ._utils import column_norm64, default_breakdown_tol, orthogonalize_, row_dot64, row_norm64
 from .results import EigenResult
 
-__all__ = ["eigsh"]
+__all__ = ["default_num_lanczos_vectors", "eigsh"]
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from curvature.probes import draw_probes, draw_seed, make_generator
 from .density import SpectralDensity
 from .lanczos import lanczos
 
-__all__ = ["slq"]
+__all__ = ["operator_fingerprint", "slq"]
 
 logger = logging.getLogger(__name__)
 
