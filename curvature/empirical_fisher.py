@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from torch import Tensor
+from typing import Any, Callable
+
+from torch import Tensor, nn
 
 from .losses import OutputCurvature
 from .output_space import OutputSpaceOperator
@@ -18,9 +20,11 @@ class EmpiricalFisher(OutputSpaceOperator):
     not a curvature matrix in general and can differ a lot from the GGN away from a minimum;
     it is provided because optimizers and pruning methods use it.
 
-    For cross-entropy a "sample" is each position that has its own label (tokens of a sequence);
-    for MSE/BCE it is a row of the outputs and ``g_n`` is the gradient of the row's summed
-    elementwise losses.
+    For cross-entropy a "sample" is each position that has its own label (tokens of a sequence;
+    ignored tokens none; a class weight ``w_y`` scales a token's loss and so its gradient); for
+    MSE/BCE and any other loss it is a row of the outputs and ``g_n`` is the gradient of the
+    row's summed unit losses, ``Z * dL/dF_n``, with ``Z`` the loss's own normaliser (for an
+    element-wise mean written as a lambda, the number of elements, not of rows).
 
     Example:
         >>> import torch
@@ -32,6 +36,11 @@ class EmpiricalFisher(OutputSpaceOperator):
         >>> E.shape
         (8, 8)
     """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[..., Tensor], data: Any, **options: Any):
+        super().__init__(model, loss_fn, data, **options)
+        # The residuals are scaled by the loss's normaliser even for one batch: it must be verified.
+        self._loss_normaliser.strict = True
 
     def _output_product(self, index: int, curvature: OutputCurvature, U: Tensor) -> Tensor:
         return curvature.outer_product(curvature.residuals(), U)

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .losses import OutputCurvature
+from .losses import OutputCurvature, describe_loss
 from .output_space import OutputSpaceOperator
 
 __all__ = ["Fisher"]
@@ -22,7 +22,8 @@ class Fisher(OutputSpaceOperator):
 
     * ``mc_samples=None`` (default): exact, via the closed form ``E[r r^T] = d^2 nll / dF^2``
       (so the Fisher equals the GGN for these losses).
-    * ``mc_samples=S``: Monte-Carlo estimate with ``S`` labels drawn per sample from the model.
+    * ``mc_samples=S``: Monte-Carlo estimate with ``S`` labels drawn per unit (sample, or token
+      of a sequence; ignored tokens draw none) from the model.
       The labels are drawn once per batch from a seed taken from ``generator``, so every product
       sees the SAME estimate (a fixed symmetric matrix, as Lanczos and CG need).
 
@@ -49,19 +50,19 @@ class Fisher(OutputSpaceOperator):
         generator: torch.Generator | None = None,
         **options: Any,
     ):
-        super().__init__(model, loss_fn, data, **options)
-        if not self.loss_info.has_closed_form:
+        info = describe_loss(loss_fn, options.get("reduction"))
+        if not info.is_likelihood:
             raise ValueError(
                 f"Fisher needs a likelihood loss (CrossEntropyLoss, MSELoss or BCEWithLogitsLoss without class "
-                f"weights), got {type(loss_fn).__name__}; use GGN for other losses"
+                f"weights, or their torch.nn.functional forms), got {type(loss_fn).__name__}; use GGN for other losses"
             )
+        super().__init__(model, loss_fn, data, **options)
         if mc_samples is not None and (not isinstance(mc_samples, int) or mc_samples < 1):
             raise ValueError(f"mc_samples must be a positive integer or None, got {mc_samples!r}")
         self.mc_samples = mc_samples
         # One draw from the caller's generator fixes all label samples of this operator.
         seed_source = generator if generator is not None else torch.Generator().manual_seed(0)
         self._seed = int(torch.randint(0, 2**62, (1,), generator=seed_source, device=seed_source.device).item())
-        self._residual_cache: dict[int, Tensor] = {}
 
     def _sampled(self, index: int, curvature: OutputCurvature) -> Tensor:
         gen = torch.Generator(device=self.device).manual_seed(self._seed + index)
