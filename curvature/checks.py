@@ -37,12 +37,17 @@ __all__ = [
 
 
 
-def check_count(value: Any, *, name: str, minimum: int = 1) -> int:
-    """Return ``value`` as an ``int >= minimum``; ``TypeError`` for non-integers (and ``bool``).
+def check_count(value: Any, *, name: str, minimum: int = 1, dim: int | None = None) -> int:
+    """Return ``value`` as an ``int >= minimum`` (and ``<= dim``, the operator dimension, if given);
+    ``TypeError`` for non-integers (and ``bool``).
 
     Example:
         >>> check_count(5, name="num_matvecs", minimum=2)
         5
+        >>> check_count(4, name="k", dim=3)
+        Traceback (most recent call last):
+            ...
+        ValueError: k=4 exceeds the operator dimension d=3
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         if isinstance(value, Tensor) and value.ndim == 0 and not value.is_floating_point():
@@ -51,6 +56,8 @@ def check_count(value: Any, *, name: str, minimum: int = 1) -> int:
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if dim is not None and value > dim:
+        raise ValueError(f"{name}={value} exceeds the operator dimension d={dim}")
     return int(value)
 
 

@@ -88,9 +88,7 @@ def eigsh(
     A = as_operator(op)
     d = A.shape[0]
     dtype, device = A.dtype, A.device
-    k = check_count(k, name="k")
-    if k > d:
-        raise ValueError(f"k={k} exceeds the operator dimension d={d}")
+    k = check_count(k, name="k", dim=d)
     which = check_choice(which, name="which", choices=_WHICH)
     tol = check_tolerance(tol)
     max_steps = renamed_option(max_iter, max_steps, new="max_iter", old="max_steps", where="eigsh")

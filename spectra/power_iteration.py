@@ -63,9 +63,7 @@ def power_iteration(
     A = as_operator(op)
     d = A.shape[0]
     dtype, device = A.dtype, A.device
-    k = check_count(k, name="k")
-    if k > d:
-        raise ValueError(f"k={k} exceeds the operator dimension d={d}")
+    k = check_count(k, name="k", dim=d)
     max_iter = check_count(max_iter, name="max_iter")
     tol = check_tolerance(tol)
     generator = make_generator(generator, device)
