@@ -106,6 +106,25 @@ def _load_checkpoint(
     return done
 
 
+def _resume(path: str, A: LinearOperator, config: dict, num_probes: int, seed_from_user: bool) -> list[SpectralDensity]:
+    """The finished probes of a checkpoint at ``path`` that this run may reuse (none if absent).
+
+    Records the operator's fingerprint in ``config`` and adopts the checkpoint's seed.
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"checkpoint {path!r}: directory {parent!r} does not exist")
+    fingerprint = operator_fingerprint(A)
+    config["fingerprint"] = fingerprint
+    done = _load_checkpoint(path, config, seed_from_user=seed_from_user, fingerprint=lambda: fingerprint)
+    if done is None:
+        return []
+    config["seed"] = int(done.metadata["seed"])
+    kept = done if done.num_probes <= num_probes else done.select(slice(0, num_probes))
+    logger.info("slq: resuming from %s with %d of %d probes done", path, kept.num_probes, num_probes)
+    return [kept]
+
+
 def slq(
     op: Any,
     *,
@@ -187,26 +206,9 @@ def slq(
         "dtype": str(A.dtype),
         "operator": type(A).__name__,
     }
-    parts: list[SpectralDensity] = []
     path = os.fspath(checkpoint) if checkpoint is not None else None
-    if path is not None:
-        parent = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(parent):
-            raise ValueError(f"checkpoint {path!r}: directory {parent!r} does not exist")
-        fingerprint = operator_fingerprint(A)
-        config["fingerprint"] = fingerprint
-        done = _load_checkpoint(path, config, seed_from_user=seed_from_user, fingerprint=lambda: fingerprint)
-        if done is not None:
-            config["seed"] = seed = int(done.metadata["seed"])
-            parts.append(
-                done if done.num_probes <= num_probes else done.select(slice(0, num_probes))
-            )
-            logger.info(
-                "slq: resuming from %s with %d of %d probes done",
-                path,
-                parts[0].num_probes,
-                num_probes,
-            )
+    parts = [] if path is None else _resume(path, A, config, num_probes, seed_from_user)
+    seed = config["seed"]
     first = sum(p.num_probes for p in parts)
 
     bar = None
