@@ -13,6 +13,7 @@ from .inverse import CGInfo, CGInverse, inverse
 from .linear_operator import DenseOperator, LinearOperator, as_operator
 from .mfac import MFACInverse, collect_gradients
 from .model_operator import ModelOperator
+from .precision import in_working_precision, working_dtype
 from .sliding_mfac import SlidingMFACInverse
 
 __all__ = [
@@ -33,5 +34,7 @@ __all__ = [
     "Hessian",
     "LinearOperator",
     "as_operator",
+    "in_working_precision",
+    "working_dtype",
 ]
 __version__ = "0.1.0"

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from curvature import as_operator
+from curvature import as_operator, in_working_precision
 from curvature.checks import check_choice, check_count, check_tolerance, renamed_option
 from curvature.probes import draw_probes, make_generator
 
@@ -58,7 +58,11 @@ def eigsh(
     A pair ``(λ, x)`` is converged when ``‖H x − λ x‖ ≤ tol · ‖H‖``, with ``‖H‖`` estimated by
     the largest Ritz value magnitude. Then ``|λ − λ_true| ≤ tol·‖H‖`` and, for an eigenvalue
     separated by a gap ``g``, ``≤ (tol·‖H‖)²/g``. Residual norms are the Lanczos estimates
-    ``|β_m y_m|``, which equal the true residuals up to rounding (full reorthogonalization).
+    ``|β_m y_m|`` plus the couplings dropped at breakdowns (weighted by ``|y_j|``): a bound on
+    the true residual up to rounding (full reorthogonalization), so a pair is never reported
+    converged on a recurrence that broke down falsely. A bfloat16/float16 operator runs the
+    recurrence in float32 (:func:`curvature.precision.in_working_precision`); its products have
+    only ~3 digits, so ask for ``tol`` of about ``1e-2`` there.
 
     Args:
         op: symmetric ``(d, d)`` operator (``curvature.LinearOperator``, tensor, SciPy operator).
@@ -85,7 +89,7 @@ def eigsh(
         >>> [round(v, 6) for v in res.eigenvalues.tolist()], res.all_converged
         ([30.0, 29.0], True)
     """
-    A = as_operator(op)
+    A = in_working_precision(as_operator(op))  # bfloat16/float16 operators: float32 recurrence
     d = A.shape[0]
     dtype, device = A.dtype, A.device
     k = check_count(k, name="k", dim=d)
@@ -123,6 +127,9 @@ def eigsh(
     Q = torch.zeros(m + 1, d, dtype=dtype, device=device)
     Q[0] = (q / column_norm64(q).to(dtype))[:, 0]
     T = torch.zeros(m, m, dtype=torch.float64, device=device)
+    # Couplings set to zero at breakdowns, per basis vector: the Lanczos residual estimate omits
+    # them, so they are added to it (a bound on the true residual ‖H x − λ x‖).
+    dropped = torch.zeros(m, dtype=torch.float64, device=device)
     start, num_mv, norm_est, restarts = 0, 0, 0.0, 0
     matvecs_before = A.num_matvecs
 
@@ -135,6 +142,7 @@ def eigsh(
                 w = w.clone()  # an operator may hand back its input (identity); never edit the basis
             num_mv += 1
             a = float(row_dot64(Q[j : j + 1], w))
+            local = float(row_norm64(w))  # ‖H q_j‖: breakdowns are judged at this step's scale
             T[j, j] = a
             # The three-term recurrence first (cheap), so that the Gram–Schmidt pass over the
             # basis only removes rounding and its DGKS second pass is rarely needed. Right after
@@ -145,9 +153,10 @@ def eigsh(
             orthogonalize_(w, Q[: j + 1].unsqueeze(0))
             b = float(row_norm64(w))
             norm_est = max(norm_est, abs(a))
-            if j + 1 == d or b <= bd_tol * max(norm_est, b):
+            if j + 1 == d or b <= bd_tol * local:
                 # Invariant subspace: its Ritz pairs are exact. Continue (if room is left) from
                 # a random direction orthogonal to the basis with a zero coupling.
+                dropped[j] += b
                 b = 0.0
                 if j + 1 < d:
                     r = draw_probes(d, 1, "rademacher", dtype=dtype, device=device, generator=generator).reshape(1, d)
@@ -166,7 +175,7 @@ def eigsh(
 
         theta, Y = torch.linalg.eigh(T[:m_cur, :m_cur])
         norm_est = max(norm_est, float(theta.abs().max()))
-        res = (beta_last * Y[m_cur - 1, :]).abs()
+        res = (beta_last * Y[m_cur - 1, :]).abs() + dropped[:m_cur] @ Y.abs()
         order = _order(theta, which)
         wanted = order[:k]
         converged = res[wanted] <= tol * norm_est
@@ -181,6 +190,9 @@ def eigsh(
         Q[:keep] = Yk.T.to(dtype) @ Q[:m_cur]
         Q[keep] = Q[m_cur]
         s = beta_last * Y[m_cur - 1, idx]
+        kept_dropped = dropped[:m_cur] @ Y[:, idx].abs()
+        dropped.zero_()
+        dropped[:keep] = kept_dropped
         T.zero_()
         T[:keep, :keep] = torch.diag(theta[idx])
         T[keep, :keep] = s

@@ -9,7 +9,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch import Tensor
 
-from curvature import as_operator
+from curvature import as_operator, in_working_precision
 from curvature.checks import check_count
 from curvature.probes import draw_probes, make_generator
 
@@ -38,7 +38,7 @@ class LanczosResult:
         num_matvecs: operator columns multiplied (``m · num_probes``).
         num_breakdowns: ``(num_probes,)`` int64 number of breakdowns (restarts) per probe.
         dim: the operator dimension ``d``.
-        basis: ``(num_probes, m, d)`` Lanczos vectors in the operator's dtype (rows of ``Q_p``),
+        basis: ``(num_probes, m, d)`` Lanczos vectors in the working dtype (rows of ``Q_p``),
             or ``None`` unless requested with ``return_basis=True``.
 
     Example:
@@ -143,8 +143,10 @@ def lanczos(
     matrix products; ``"none"`` is the plain three-term recurrence (O(d) memory, but converged
     outliers reappear as "ghost" Ritz values).
 
-    Precision: the basis and the products stay in the operator's dtype; the coefficients
-    ``alpha``/``beta`` (inner products and norms) are accumulated in float64.
+    Precision: the recurrence runs in the operator's dtype, but at least float32: a bfloat16 or
+    float16 operator gets float32 vectors, rounded to its dtype for each product (see
+    :func:`curvature.precision.in_working_precision`); the coefficients ``alpha``/``beta``
+    (inner products and norms) are accumulated in float64.
 
     Args:
         op: symmetric ``(d, d)`` operator (``curvature.LinearOperator``, tensor, SciPy operator).
@@ -157,8 +159,10 @@ def lanczos(
         generator: source of the random start vectors and of restart vectors after a breakdown.
         return_basis: keep the ``(num_probes, m, d)`` basis in the result (always stored
             internally with full reorthogonalization).
-        breakdown_tol: ``beta <= breakdown_tol · max(|alpha|, beta)`` so far counts as a breakdown.
-            Default ``max(1e-10, 100·eps(dtype))``.
+        breakdown_tol: ``beta_j <= breakdown_tol · ‖H q_j‖`` counts as a breakdown: relative to
+            the current step's scale, not to the largest seen, so a bulk far below an outlier
+            is not mistaken for an invariant subspace. Default ``max(1e-10, 100·eps)`` of the
+            working dtype.
         callback: called with the step index after every step (progress bars).
 
     Returns:
@@ -170,7 +174,7 @@ def lanczos(
         >>> res.alpha.shape, res.num_matvecs
         (torch.Size([4, 2]), 8)
     """
-    A = as_operator(op)
+    A = in_working_precision(as_operator(op))
     d = A.shape[0]
     dtype, device = A.dtype, A.device
     num_steps = check_count(num_steps, name="num_steps")
@@ -207,7 +211,6 @@ def lanczos(
     alpha = torch.zeros(p, m, dtype=torch.float64, device=device)
     beta = torch.zeros(p, m - 1, dtype=torch.float64, device=device)
     breakdowns = torch.zeros(p, dtype=torch.int64, device=device)
-    scale = torch.zeros(p, dtype=torch.float64, device=device)
     q_prev = torch.zeros_like(q)
     b_prev = torch.zeros(p, dtype=torch.float64, device=device)
     matvecs_before = A.num_matvecs
@@ -219,6 +222,7 @@ def lanczos(
         if w.data_ptr() == q.data_ptr():  # an operator may hand back its input (identity)
             w = w.clone()
         a = row_dot64(q, w)
+        local = row_norm64(w)  # ‖H q_j‖: the scale this step's coupling is measured against
         alpha[:, j] = a
         # In place: at large d every temporary is a full (p, d) pass over memory.
         w.addcmul_(q, a.to(dtype)[:, None], value=-1)
@@ -231,8 +235,7 @@ def lanczos(
         if j == m - 1:
             break
         b = row_norm64(w)
-        scale = torch.maximum(scale, torch.maximum(a.abs(), b))
-        broke = b <= breakdown_tol * scale
+        broke = b <= breakdown_tol * local
         b = torch.where(broke, torch.zeros_like(b), b)
         beta[:, j] = b
         q_next = w.div_(torch.where(broke, torch.ones_like(b), b).to(dtype)[:, None])

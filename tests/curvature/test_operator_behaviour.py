@@ -265,7 +265,7 @@ def test_as_operator_adapters():
     sp = as_operator(aslinearoperator(M.numpy()))
     V = torch.randn(5, 2, dtype=torch.float64)
     assert ref.rel_err(sp @ V, M @ V) <= 1e-14
-    with pytest.raises(TypeError, match="square"):
+    with pytest.raises(ValueError, match="square"):
         as_operator(torch.ones(2, 3).numpy())
 
 
