@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .losses import OutputCurvature, describe_loss
 from .output_space import OutputSpaceOperator
+from .probes import draw_seed, make_generator
 
 __all__ = ["Fisher"]
 
@@ -24,8 +25,9 @@ class Fisher(OutputSpaceOperator):
       (so the Fisher equals the GGN for these losses).
     * ``mc_samples=S``: Monte-Carlo estimate with ``S`` labels drawn per unit (sample, or token
       of a sequence; ignored tokens draw none) from the model.
-      The labels are drawn once per batch from a seed taken from ``generator``, so every product
-      sees the SAME estimate (a fixed symmetric matrix, as Lanczos and CG need).
+      The labels are drawn once per batch from a seed taken from ``generator`` (default: a fresh
+      OS-seeded generator, so two operators differ; pass a seeded one to reproduce), so every
+      product sees the SAME estimate (a fixed symmetric matrix, as Lanczos and CG need).
 
     Example:
         >>> from torch import nn
@@ -60,9 +62,9 @@ class Fisher(OutputSpaceOperator):
         if mc_samples is not None and (not isinstance(mc_samples, int) or mc_samples < 1):
             raise ValueError(f"mc_samples must be a positive integer or None, got {mc_samples!r}")
         self.mc_samples = mc_samples
-        # One draw from the caller's generator fixes all label samples of this operator.
-        seed_source = generator if generator is not None else torch.Generator().manual_seed(0)
-        self._seed = int(torch.randint(0, 2**62, (1,), generator=seed_source, device=seed_source.device).item())
+        # One draw from the caller's generator fixes all label samples of this operator (the
+        # toolkit's policy: no generator means a fresh OS-seeded one, never a hidden fixed seed).
+        self._seed = draw_seed(make_generator(generator, self.device))
 
     def _sampled(self, index: int, curvature: OutputCurvature) -> Tensor:
         gen = torch.Generator(device=self.device).manual_seed(self._seed + index)
