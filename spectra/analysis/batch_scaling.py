@@ -261,6 +261,22 @@ class BatchScalingResult:
         """Slope of ``log α_max^{Adam}`` against ``log B`` (Granziol et al.: about 1/2)."""
         return _log_slope(np.asarray(self.batch_sizes, float), self.adam_learning_rates)
 
+    def exponents(self, *, max_batch_size: float | None = None) -> tuple[float, float]:
+        """Measured ``(SGD, Adam)`` learning-rate exponents over the batch sizes ``<= max_batch_size``.
+
+        Granziol et al.'s linear and square-root rules are for ``B ≪ B_crit``; pass
+        ``max_batch_size=result.fit.critical_batch_size`` to measure them there (NaN with fewer
+        than two such sizes). Default: all batch sizes.
+        """
+        B = np.asarray(self.batch_sizes, float)
+        keep = B <= (np.inf if max_batch_size is None else max_batch_size)
+        if keep.sum() < 2:
+            return float("nan"), float("nan")
+        return (
+            _log_slope(B[keep], self.sgd_learning_rates[keep]),
+            _log_slope(B[keep], self.adam_learning_rates[keep]),
+        )
+
     @property
     def excess_exponent(self) -> float:
         """``p`` in ``λ_max(B) − λ_∞ ∝ B^{-p}``, measured (the model says 1; NaN if not positive)."""
@@ -397,6 +413,59 @@ def _extreme(
     return float(res.eigenvalues[0]), res.eigenvectors[:, 0], bool(res.converged[0]), int(res.num_matvecs)
 
 
+def _gradient_moments(op: Any, model: nn.Module, loss_fn: Callable[..., Tensor], inputs: Any, targets: Any,
+                      chunk: int = 256) -> tuple[Tensor, Tensor]:
+    """Mean gradient ``ḡ`` and mean squared per-sample gradient ``mean_i g_i²`` over the data.
+
+    Per-sample gradients by ``torch.func.vmap(grad(...))`` over the selected parameters (those of
+    ``op``), in chunks; models that ``vmap`` cannot trace fall back to one backward per sample.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    names = list(op.param_names)
+    params = {n: p.detach() for n, p in zip(names, op.params)}
+    N = _num_samples(inputs)
+    total = torch.zeros(op.shape[0], dtype=torch.float64)
+    total_sq = torch.zeros(op.shape[0], dtype=torch.float64)
+
+    def one(p: dict, x: Any, t: Any) -> Tensor:
+        out = functional_call(model, p, (_unsqueeze(x),))
+        return loss_fn(out, _unsqueeze(t))
+
+    per_sample = vmap(grad(one), in_dims=(None, 0, 0))
+    for start in range(0, N, chunk):
+        idx = torch.arange(start, min(start + chunk, N))
+        xb, tb = _index(inputs, idx), _index(targets, idx)
+        try:
+            G = per_sample(params, xb, tb)
+            flat = torch.cat([G[n].reshape(idx.numel(), -1) for n in names], 1).double()
+        except Exception:  # noqa: BLE001 - any untraceable model takes the slow, generic path
+            rows = []
+            for k in range(idx.numel()):
+                loss = op.loss(_index(xb, torch.tensor([k])), _index(tb, torch.tensor([k])))
+                rows.append(op.flatten(list(torch.autograd.grad(loss, op.params))).double())
+            flat = torch.stack(rows)
+        total += flat.sum(0).cpu()
+        total_sq += flat.pow(2).sum(0).cpu()
+    return (total / N).to(op.device), (total_sq / N).to(op.device)
+
+
+def _unsqueeze(x: Any) -> Any:
+    if isinstance(x, Tensor):
+        return x.unsqueeze(0)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_unsqueeze(t) for t in x)
+    if isinstance(x, dict):
+        return {k: _unsqueeze(v) for k, v in x.items()}
+    return x
+
+
+def _expected_batch_second_moment(mean: Tensor, mean_sq: Tensor, B: int, N: int) -> Tensor:
+    """``E[g_B²]`` for a batch of ``B`` of ``N`` samples drawn without replacement."""
+    fpc = (N - B) / (N - 1) if N > 1 else 0.0
+    return mean.pow(2) + fpc * (mean_sq - mean.pow(2)).clamp_min(0) / B
+
+
 def batch_size_scaling(
     model: nn.Module,
     loss_fn: Callable[..., Tensor],
@@ -411,6 +480,7 @@ def batch_size_scaling(
     full_data: bool = True,
     num_steps: int = 10,
     tol: float = 1e-5,
+    tol_min: float = 1e-3,
     max_iter: int = 1000,
     generator: torch.Generator | None = None,
     **operator_options: Any,
@@ -427,8 +497,11 @@ def batch_size_scaling(
     (``"L3"``) by weighted least squares (:func:`fit_batch_scaling`), the law with the smaller χ²
     is reported, and the largest stable rates follow: ``2/λ_max(H_B)`` for SGD (linear in ``B``
     below ``B_crit = κ/λ_∞``), and ``2/λ_max(D^{-1/2} H_B D^{-1/2})`` for Adam, with
-    ``D = diag(√v̂_B + ε)`` and ``v̂_B`` the mean of the squared mini-batch gradients at that ``B``
-    (Granziol et al.: ``∝ √B``). Both exponents are *measured* (log-log slopes), not assumed.
+    ``D = diag(√v̂_B + ε)`` and ``v̂_B = E[g_B²]``, the expected squared mini-batch gradient at
+    batch size ``B`` (what Adam's moving average estimates), computed exactly from per-sample
+    gradients: ``v̂_B = ḡ² + (N−B)/(N−1) · (mean_i g_i² − ḡ²)/B`` for batches drawn without
+    replacement (mean-reduced losses). Granziol et al.: ``α_max ∝ √B`` in the noise-dominated
+    regime. Both exponents are *measured* (log-log slopes), not assumed.
 
     Args:
         model, loss_fn: as for :class:`curvature.Hessian` (``model.eval()`` first).
@@ -439,12 +512,15 @@ def batch_size_scaling(
         num_batches: batches per batch size (the error bars).
         curvature: ``"hessian"`` or ``"ggn"``.
         smallest: also compute ``λ_min``.
-        adam: also compute the Adam-preconditioned ``λ_max`` (one more gradient and Lanczos per
-            batch).
+        adam: also compute the Adam-preconditioned ``λ_max`` (one more eigensolve per batch, and
+            one pass of per-sample gradients over the data).
         adam_eps: Adam's ``ε``.
         full_data: also compute the full-data extremes (``spectra.eigsh``).
         num_steps: Lanczos basis size per restart cycle (small, since a warm start is close).
-        tol: relative residual tolerance ``‖H x − θ x‖ ≤ tol·‖H‖``.
+        tol: relative residual tolerance ``‖H x − θ x‖ ≤ tol·‖H‖`` of ``λ_max``; the eigenvalue
+            error is then about ``(tol·‖H‖)²/gap``.
+        tol_min: the same for ``λ_min``, looser by default: the bottom of a mini-batch Hessian is
+            a cluster of small values without a gap, where Lanczos converges slowly.
         max_iter: most products per eigenvalue (unconverged batches are flagged in
             ``converged``).
         generator: randomness of the batches and start vectors.
@@ -476,6 +552,7 @@ def batch_size_scaling(
     num_steps = check_int(num_steps, "num_steps", minimum=2)
     max_iter = check_int(max_iter, "max_iter")
     tol = check_positive_float(tol, "tol")
+    tol_min = check_positive_float(tol_min, "tol_min")
     adam_eps = check_positive_float(adam_eps, "adam_eps")
     g = fresh_generator(generator)
     inputs, targets = _as_dataset(data)
@@ -489,6 +566,9 @@ def batch_size_scaling(
         )
     make = _CURVATURES[curvature]
 
+    # Separate streams: the batches drawn do not depend on which eigenvalues are requested.
+    batch_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
+    start_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
     shape = (len(sizes), R)
     lam_max = torch.full(shape, float("nan"), dtype=torch.float64)
     lam_min = torch.full(shape, float("nan"), dtype=torch.float64)
@@ -497,29 +577,28 @@ def batch_size_scaling(
     all_indices = []
     warm, warm_adam = _Warm(), _Warm()
     matvecs = 0
+    moments = None
+    if adam:
+        probe = make(model, loss_fn, (_index(inputs, torch.arange(1)), _index(targets, torch.arange(1))),
+                     **operator_options)
+        moments = _gradient_moments(probe, model, loss_fn, inputs, targets)
+    opts = dict(num_lanczos_vectors=num_steps, max_iter=max_iter, generator=start_gen)
     for i, B in enumerate(sizes):
-        idx = torch.stack([torch.randperm(N, generator=g)[:B] for _ in range(R)])
+        idx = torch.stack([torch.randperm(N, generator=batch_gen)[:B] for _ in range(R)])
         all_indices.append(idx)
-        ops = [make(model, loss_fn, (_index(inputs, r), _index(targets, r)), **operator_options) for r in idx]
         scales = None
         if adam:
-            grads = []
-            for op in ops:
-                (_, xb, yb, _n), = op.batches()
-                loss = op.loss(xb, yb)
-                grads.append(op.flatten(list(torch.autograd.grad(loss, op.params))).detach())
-            v_hat = torch.stack(grads).double().pow(2).mean(0)
-            scales = (v_hat.sqrt() + adam_eps).rsqrt()
-        for j, op in enumerate(ops):
-            opts = dict(num_lanczos_vectors=num_steps, tol=tol, max_iter=max_iter, generator=g)
-            lam_max[i, j], warm.top, ok, mv = _extreme(op, "LA", warm.top, **opts)
+            scales = (_expected_batch_second_moment(*moments, B, N).sqrt() + adam_eps).rsqrt()
+        for j, r in enumerate(idx):
+            op = make(model, loss_fn, (_index(inputs, r), _index(targets, r)), **operator_options)
+            lam_max[i, j], warm.top, ok, mv = _extreme(op, "LA", warm.top, tol=tol, **opts)
             matvecs += mv
             if smallest:
-                lam_min[i, j], warm.bottom, ok_min, mv = _extreme(op, "SA", warm.bottom, **opts)
+                lam_min[i, j], warm.bottom, ok_min, mv = _extreme(op, "SA", warm.bottom, tol=tol_min, **opts)
                 ok, matvecs = ok and ok_min, matvecs + mv
             if adam:
                 pre = DiagonallyScaledOperator(op, scales)
-                adam_max[i, j], warm_adam.top, ok_adam, mv = _extreme(pre, "LA", warm_adam.top, **opts)
+                adam_max[i, j], warm_adam.top, ok_adam, mv = _extreme(pre, "LA", warm_adam.top, tol=tol, **opts)
                 ok, matvecs = ok and ok_adam, matvecs + mv
             converged[i, j] = ok
             if hasattr(op, "release"):
@@ -530,10 +609,11 @@ def batch_size_scaling(
     full_max = full_min = float("nan")
     if full_data:
         full = make(model, loss_fn, (inputs, targets), **operator_options)
-        top = eigsh(full, k=1, which="LA", tol=tol, v0=warm.top, generator=g)
+        top = eigsh(full, k=1, which="LA", tol=tol, v0=warm.top, generator=start_gen)
         full_max = float(top.eigenvalues[0])
         if smallest:
-            full_min = float(eigsh(full, k=1, which="SA", tol=tol, v0=warm.bottom, generator=g).eigenvalues[0])
+            bottom = eigsh(full, k=1, which="SA", tol=tol_min, v0=warm.bottom, generator=start_gen)
+            full_min = float(bottom.eigenvalues[0])
         matvecs += full.num_matvecs
         if hasattr(full, "release"):
             full.release()

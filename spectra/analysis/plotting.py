@@ -114,17 +114,18 @@ def plot_decomposition(dec: Decomposition, *, axes: Any = None) -> list:
     colors = {"H": _BLUE, "G": _GREEN, "R": _ORANGE}
     markers = {"H": "o", "G": "s", "R": "^"}
     k = dec.terms[0].top.numel()
+    style = {"H": dict(markersize=10, fillstyle="none", markeredgewidth=1.4), "G": dict(markersize=5),
+             "R": dict(markersize=5)}
     for t in dec.terms:
         top, bottom = t.top.numpy(), t.bottom.numpy()
-        ax_e.plot(np.arange(1, k + 1), top, markers[t.name], color=colors[t.name], markersize=5,
-                  label=f"{t.name}: top, tr = {t.trace:.3g}")
-        ax_e.plot(-np.arange(1, bottom.size + 1), bottom, markers[t.name], color=colors[t.name], markersize=5,
-                  fillstyle="none")
+        x = np.concatenate([-np.arange(bottom.size, 0, -1), np.arange(1, k + 1)])
+        ax_e.plot(x, np.concatenate([bottom[::-1], top]), markers[t.name], color=colors[t.name], linestyle="none",
+                  label=f"{t.name}: tr = {t.trace:.3g}", **style[t.name])
     vals = np.concatenate([np.abs(t.top.numpy()) for t in dec.terms] + [np.abs(t.bottom.numpy()) for t in dec.terms])
     linthresh = max(float(np.max(vals)) * 1e-4, 1e-12)
     ax_e.set_yscale("symlog", linthresh=linthresh)
     ax_e.axhline(0, color=_GREY, linewidth=0.6)
-    ax_e.set_xlabel("index (negative: smallest eigenvalues, hollow)")
+    ax_e.set_xlabel("index j (+j: j-th largest, −j: j-th smallest)")
     ax_e.set_ylabel("eigenvalue (symlog)")
     ax_e.set_title("H = G + R: extreme eigenvalues of each term", fontsize=10)
     ax_e.legend(fontsize=8, frameon=False)

@@ -78,12 +78,14 @@ def test_sgd_linear_and_adam_square_root_scaling_below_the_critical_batch():
     assert res.fit.critical_batch_size > 2 * sizes[-1]
     assert 0.7 < res.sgd_exponent < 1.1
     assert 0.3 < res.adam_exponent < 0.65
-    # The Adam operator is D^{-1/2} H_B D^{-1/2} with D = √v̂ + ε, v̂ = mean of squared gradients.
+    # The Adam operator is D^{-1/2} H_B D^{-1/2} with D = √v̂ + ε, v̂ = E[g_B²] over batches of B
+    # drawn without replacement: ḡ² + (N − B)/(N − 1)·Var_i(g_i)/B, per-sample g_i = x_i(x_iᵀw − y_i).
     i = 1
     B = sizes[i]
     w = model.weight.detach().reshape(-1, 1)
-    grads = [(X[idx].T @ (X[idx] @ w - y[idx]) / B).reshape(-1) for idx in res.batch_indices[i]]
-    s = (torch.stack(grads).pow(2).mean(0).sqrt() + 1e-8).rsqrt()
+    g_i = X * (X @ w - y)
+    mean, var = g_i.mean(0), g_i.var(0, unbiased=False)
+    s = ((mean**2 + (N - B) / (N - 1) * var / B).sqrt() + 1e-8).rsqrt()
     for j, idx in enumerate(res.batch_indices[i]):
         Hb = X[idx].T @ X[idx] / B
         dense = float(torch.linalg.eigvalsh(s[:, None] * Hb * s[None, :])[-1])
