@@ -35,6 +35,40 @@ def default_num_lanczos_vectors(k: int, d: int) -> int:
     return min(d, max(2 * k + 1, k + 20))
 
 
+def _basis_size(num_lanczos_vectors: int | None, k: int, d: int) -> int:
+    if num_lanczos_vectors is None:
+        return default_num_lanczos_vectors(k, d)
+    m = check_count(num_lanczos_vectors, name="num_lanczos_vectors", dim=d)
+    if m <= k and m < d:
+        raise ValueError(f"num_lanczos_vectors={m} must exceed k={k} (or equal d={d})")
+    return m
+
+
+def _step_cap(max_iter: int | None, m: int, k: int) -> int:
+    if max_iter is None:
+        return max(1000, 30 * m)
+    max_iter = check_count(max_iter, name="max_iter")
+    if max_iter < k:
+        raise ValueError(f"max_iter={max_iter} must be at least k={k}")
+    return max_iter
+
+
+def _start_vector(
+    v0: Tensor | None, d: int, dtype: torch.dtype, device: torch.device, generator: torch.Generator
+) -> Tensor:
+    """The ``(d, 1)`` start vector: ``v0`` checked, or a Rademacher vector from ``generator``."""
+    if v0 is None:
+        return draw_probes(d, 1, "rademacher", dtype=dtype, device=device, generator=generator)
+    if not isinstance(v0, Tensor):
+        raise TypeError(f"v0 must be a torch.Tensor, got {type(v0).__name__}")
+    if v0.shape != (d,):
+        raise ValueError(f"v0 must have shape ({d},), got {tuple(v0.shape)}")
+    q = v0.to(dtype=dtype, device=device).reshape(d, 1)
+    if not torch.isfinite(q).all() or column_norm64(q).item() == 0:
+        raise ValueError("v0 must be finite and non-zero")
+    return q
+
+
 def eigsh(
     op: Any,
     *,
@@ -97,31 +131,9 @@ def eigsh(
     tol = check_tolerance(tol)
     max_steps = renamed_option(max_iter, max_steps, new="max_iter", old="max_steps", where="eigsh")
     generator = make_generator(generator, device)
-    if num_lanczos_vectors is None:
-        m = default_num_lanczos_vectors(k, d)
-    else:
-        m = check_count(num_lanczos_vectors, name="num_lanczos_vectors")
-        if m > d:
-            raise ValueError(f"num_lanczos_vectors={m} exceeds the operator dimension d={d}")
-        if m <= k and m < d:
-            raise ValueError(f"num_lanczos_vectors={m} must exceed k={k} (or equal d={d})")
-    if max_steps is None:
-        max_steps = max(1000, 30 * m)
-    else:
-        max_steps = check_count(max_steps, name="max_iter")
-        if max_steps < k:
-            raise ValueError(f"max_iter={max_steps} must be at least k={k}")
-
-    if v0 is not None:
-        if not isinstance(v0, Tensor):
-            raise TypeError(f"v0 must be a torch.Tensor, got {type(v0).__name__}")
-        if v0.shape != (d,):
-            raise ValueError(f"v0 must have shape ({d},), got {tuple(v0.shape)}")
-        q = v0.to(dtype=dtype, device=device).reshape(d, 1)
-        if not torch.isfinite(q).all() or column_norm64(q).item() == 0:
-            raise ValueError("v0 must be finite and non-zero")
-    else:
-        q = draw_probes(d, 1, "rademacher", dtype=dtype, device=device, generator=generator)
+    m = _basis_size(num_lanczos_vectors, k, d)
+    max_steps = _step_cap(max_steps, m, k)
+    q = _start_vector(v0, d, dtype, device, generator)
     bd_tol = default_breakdown_tol(dtype)
 
     Q = torch.zeros(m + 1, d, dtype=dtype, device=device)
