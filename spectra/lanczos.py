@@ -94,7 +94,18 @@ class LanczosResult:
         return nodes, torch.bmm(vecs.transpose(1, 2).to(self.basis.dtype), self.basis)
 
 
-def _start_block(v0: Tensor, d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+def _start_block(
+    v0: Tensor | None,
+    num_probes: int | None,
+    d: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    generator: torch.Generator,
+) -> Tensor:
+    """The ``(d, p)`` start block: ``v0`` checked, or ``num_probes`` Rademacher vectors."""
+    if v0 is None:
+        num_probes = check_count(1 if num_probes is None else num_probes, name="num_probes")
+        return draw_probes(d, num_probes, "rademacher", dtype=dtype, device=device, generator=generator)
     if not isinstance(v0, Tensor):
         raise TypeError(f"v0 must be a torch.Tensor, got {type(v0).__name__}")
     if v0.ndim not in (1, 2) or v0.shape[0] != d:
@@ -102,6 +113,8 @@ def _start_block(v0: Tensor, d: int, dtype: torch.dtype, device: torch.device) -
     V = v0.reshape(d, -1).to(dtype=dtype, device=device)
     if V.shape[1] == 0:
         raise ValueError("v0 must have at least one column")
+    if num_probes is not None and num_probes != V.shape[1]:
+        raise ValueError(f"num_probes={num_probes} does not match v0 with {V.shape[1]} column(s)")
     if not torch.isfinite(V).all():
         raise ValueError("v0 contains NaN or inf")
     if (column_norm64(V) == 0).any():
@@ -186,15 +199,7 @@ def lanczos(
     elif not breakdown_tol >= 0:
         raise ValueError(f"breakdown_tol must be >= 0, got {breakdown_tol}")
 
-    if v0 is not None:
-        V = _start_block(v0, d, dtype, device)
-        if num_probes is not None and num_probes != V.shape[1]:
-            raise ValueError(
-                f"num_probes={num_probes} does not match v0 with {V.shape[1]} column(s)"
-            )
-    else:
-        num_probes = check_count(1 if num_probes is None else num_probes, name="num_probes")
-        V = draw_probes(d, num_probes, "rademacher", dtype=dtype, device=device, generator=generator)
+    V = _start_block(v0, num_probes, d, dtype, device, generator)
     p = V.shape[1]
 
     m = min(num_steps, d)
