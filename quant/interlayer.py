@@ -94,9 +94,13 @@ class LossChangePredictor:
         self._modes = {m: m.training for m in model.modules()}
         model.eval()
         weight_names = [f"{name}.weight" if name else "weight" for name in self.layers]
-        self.hessian = Hessian(model, loss_fn, data, params=weight_names, **dict(hessian_options or {}))
-        self._layer_of = dict(zip(weight_names, self.layers))
-        self.gradient = self._gradient()
+        try:
+            self.hessian = Hessian(model, loss_fn, data, params=weight_names, **dict(hessian_options or {}))
+            self._layer_of = dict(zip(weight_names, self.layers))
+            self.gradient = self._gradient()
+        except BaseException:
+            self._restore_modes()
+            raise
 
     def _gradient(self) -> Tensor:
         H = self.hessian
@@ -148,6 +152,9 @@ class LossChangePredictor:
     def release(self) -> None:
         """Free the cached graph and restore the model's train/eval modes."""
         self.hessian.release()
+        self._restore_modes()
+
+    def _restore_modes(self) -> None:
         for m, mode in self._modes.items():
             m.training = mode
 
