@@ -9,7 +9,7 @@ from .empirical_fisher import EmpiricalFisher
 from .fisher import Fisher
 from .ggn import GGN
 from .hessian import Hessian
-from .inverse import CGInfo, CGInverse, inverse
+from .inverse import CGInfo, CGInverse, MINRESInverse, NegativeCurvatureError, inverse
 from .linear_operator import DenseOperator, LinearOperator, as_operator
 from .mfac import MFACInverse, collect_gradients
 from .model_operator import ModelOperator
@@ -23,6 +23,8 @@ __all__ = [
     "make_blocks",
     "CGInfo",
     "CGInverse",
+    "MINRESInverse",
+    "NegativeCurvatureError",
     "MFACInverse",
     "SlidingMFACInverse",
     "collect_gradients",

@@ -1,4 +1,5 @@
-"""Damped inverses of any operator: ``(A + λ I)⁻¹`` applied by batched conjugate gradients."""
+"""Damped inverses of any operator: ``(A + λ I)⁻¹`` applied by batched conjugate gradients
+(symmetric positive definite systems) or MINRES (symmetric indefinite systems)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch import Tensor
 from .checks import check_count, check_damping, renamed_option
 from .linear_operator import LinearOperator, as_operator
 
-__all__ = ["inverse", "CGInverse", "CGInfo"]
+__all__ = ["inverse", "CGInverse", "CGInfo", "MINRESInverse", "NegativeCurvatureError"]
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +22,30 @@ logger = logging.getLogger(__name__)
 #: operator), a ``(d,)`` diagonal, or a callable on ``(d, k)`` blocks.
 Preconditioner = Union[None, Tensor, LinearOperator, Callable[[Tensor], Tensor]]
 
-METHODS = ("cg",)
+METHODS = ("cg", "minres")
+NEGATIVE_CURVATURE_ACTIONS = ("raise", "stop")
+
+
+class NegativeCurvatureError(ValueError):
+    """CG met a direction with ``pᵀ(A + λI)p <= 0``: the damped operator is not positive definite.
+
+    Attributes:
+        column: the right-hand side (column) that met it.
+        iteration: the CG iteration (1-based).
+        curvature: the value of ``pᵀ(A + λI)p``.
+        damping: ``λ``.
+    """
+
+    def __init__(self, column: int, iteration: int, curvature: float, damping: float):
+        self.column, self.iteration, self.curvature, self.damping = column, iteration, curvature, damping
+        super().__init__(
+            f"conjugate gradients met non-positive curvature pᵀ(A + λI)p = {curvature:.3g} <= 0 "
+            f"(column {column}, iteration {iteration}, damping λ = {damping:g}): A + λI is not positive "
+            "definite, so CG cannot solve it. Fixes: use a positive semi-definite curvature (curvature.GGN "
+            "or curvature.Fisher instead of curvature.Hessian); or a damping above |λ_min(A)| "
+            "(spectra.eigsh(op, k=1, which='SA') gives λ_min); or method='minres' for a symmetric "
+            "indefinite system"
+        )
 
 
 @dataclass(frozen=True)
@@ -33,8 +57,8 @@ class CGInfo:
         residual_norms: final ``||b − (A + λI) x||`` from the CG recurrence.
         relative_residuals: ``residual_norms / ||b||`` (0 for ``b = 0``).
         converged: whether each column reached ``tol``.
-        breakdown: whether a column stopped on non-positive curvature ``pᵀ(A + λI)p <= 0`` (the
-            damped operator is not positive definite; increase the damping).
+        breakdown: whether a column stopped on non-positive curvature ``pᵀ(A + λI)p <= 0`` (only
+            with ``negative_curvature="stop"``; the default raises :class:`NegativeCurvatureError`).
         num_matvecs: columns multiplied by the operator in this solve.
 
     Example:
@@ -71,8 +95,10 @@ class CGInverse(LinearOperator):
     still returned.
 
     ``op + damping · I`` must be symmetric positive definite (a Hessian needs damping above its
-    most negative eigenvalue; a column that meets non-positive curvature stops and is flagged in
-    :attr:`CGInfo.breakdown`).
+    most negative eigenvalue). A direction with ``pᵀ(A + λI)p <= 0`` raises
+    :class:`NegativeCurvatureError`, naming the fixes (a GGN, more damping, ``method="minres"``);
+    with ``negative_curvature="stop"`` that column stops instead, returns its last iterate and is
+    flagged in :attr:`CGInfo.breakdown`.
 
     Args:
         op: any operator accepted by :func:`curvature.as_operator` (our operators, a square tensor,
@@ -84,6 +110,7 @@ class CGInverse(LinearOperator):
             (for example an :class:`~curvature.mfac.MFACInverse`), a square tensor, a ``(d,)``
             tensor applied elementwise (for Jacobi pass ``1 / (diag(op) + λ)``) or a callable
             mapping a ``(d, k)`` tensor to a ``(d, k)`` tensor.
+        negative_curvature: ``"raise"`` (default) or ``"stop"``.
 
     Example:
         >>> A = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
@@ -102,8 +129,14 @@ class CGInverse(LinearOperator):
         max_iter: int | None = None,
         preconditioner: Preconditioner = None,
         maxiter: int | None = None,
+        negative_curvature: str = "raise",
     ):
         damping = check_damping(damping)
+        if negative_curvature not in NEGATIVE_CURVATURE_ACTIONS:
+            raise ValueError(
+                f"negative_curvature must be one of {NEGATIVE_CURVATURE_ACTIONS}, got {negative_curvature!r}"
+            )
+        self.negative_curvature = negative_curvature
         if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 < float(tol) < 1:
             raise ValueError(f"tol must be a number in (0, 1), got {tol!r}")
         op = as_operator(op)
@@ -166,6 +199,9 @@ class CGInverse(LinearOperator):
             num_matvecs += P.shape[1]
             pAp = (P * AP).sum(0)
             bad = pAp <= 0
+            if self.negative_curvature == "raise" and bool(bad.any()):
+                j = int(torch.nonzero(bad)[0])
+                raise NegativeCurvatureError(int(cols[j]), int(iterations[cols[j]]) + 1, float(pAp[j]), self.damping)
             alpha = torch.where(bad, torch.zeros_like(rz), rz / torch.where(bad, torch.ones_like(pAp), pAp))
             Xw.add_(P * alpha)
             R.sub_(AP * alpha)
@@ -214,6 +250,112 @@ class CGInverse(LinearOperator):
         return f"CGInverse(op={self.op!r}, damping={self.damping:g}, tol={self.tol:g}, max_iter={self.max_iter})"
 
 
+class MINRESInverse(LinearOperator):
+    """``(op + damping · I)⁻¹`` for a symmetric, possibly indefinite ``op + damping · I``: batched
+    MINRES (Paige and Saunders, 1975).
+
+    MINRES minimises ``||b − (A + λI) x||`` over the Krylov space, so it needs only symmetry, not
+    definiteness (a Hessian with negative eigenvalues and a small damping is fine, as long as
+    ``A + λI`` is not singular). Like :class:`CGInverse` all columns share one product per
+    iteration and stop on their own at ``||r|| <= tol · ||b||`` (the recurrence's residual norm);
+    :attr:`last_info` is a :class:`CGInfo` (``breakdown`` always false). No preconditioner.
+
+    Example:
+        >>> A = torch.diag(torch.tensor([1.0, -3.0, 2.0], dtype=torch.float64))
+        >>> inv = MINRESInverse(A, damping=0.5, tol=1e-12)
+        >>> [round(v, 6) for v in (inv @ torch.ones(3, dtype=torch.float64)).tolist()]
+        [0.666667, -0.4, 0.4]
+    """
+
+    def __init__(self, op: Any, *, damping: float, tol: float = 1e-6, max_iter: int | None = None):
+        damping = check_damping(damping)
+        if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 < float(tol) < 1:
+            raise ValueError(f"tol must be a number in (0, 1), got {tol!r}")
+        op = as_operator(op)
+        if not getattr(op, "is_symmetric", True):
+            raise ValueError("op must be symmetric for MINRES")
+        d = op.shape[0]
+        super().__init__(d, op.dtype, op.device, op.blocks)
+        self.op, self.damping, self.tol = op, damping, float(tol)
+        self.max_iter = 10 * d if max_iter is None else check_count(max_iter, name="max_iter")
+        self.last_info: CGInfo | None = None
+
+    def _matmat(self, B: Tensor) -> Tensor:
+        k = B.shape[1]
+        X = torch.zeros_like(B)
+        iterations = torch.zeros(k, dtype=torch.long, device=B.device)
+        b_norm = torch.linalg.vector_norm(B, dim=0)
+        threshold = self.tol * b_norm
+        final_res = b_norm.clone()
+        num_matvecs = 0
+        tiny = torch.finfo(B.dtype).tiny
+
+        cols = torch.nonzero(final_res > threshold).flatten()
+        R1 = B[:, cols].clone()
+        R2, Y = R1.clone(), R1.clone()
+        Xw, W, W2 = torch.zeros_like(R1), torch.zeros_like(R1), torch.zeros_like(R1)
+        beta = b_norm[cols].clone()
+        oldb, dbar, epsln = torch.zeros_like(beta), torch.zeros_like(beta), torch.zeros_like(beta)
+        phibar, cs, sn = beta.clone(), -torch.ones_like(beta), torch.zeros_like(beta)
+        for it in range(self.max_iter):
+            if cols.numel() == 0:
+                break
+            V = Y / beta
+            Y = self.op.matmat(V) + self.damping * V
+            num_matvecs += V.shape[1]
+            if it:
+                Y = Y - R1 * (beta / oldb)
+            alfa = (V * Y).sum(0)
+            Y = Y - R2 * (alfa / beta)
+            R1, R2 = R2, Y
+            oldb, beta = beta, torch.linalg.vector_norm(Y, dim=0)
+            oldeps = epsln
+            delta = cs * dbar + sn * alfa
+            gbar = sn * dbar - cs * alfa
+            epsln = sn * beta
+            dbar = -cs * beta
+            gamma = torch.sqrt(gbar**2 + beta**2).clamp_min(tiny)
+            cs, sn = gbar / gamma, beta / gamma
+            phi = cs * phibar
+            phibar = sn * phibar
+            W1, W2 = W2, W
+            W = (V - W1 * oldeps - W2 * delta) / gamma
+            Xw = Xw + W * phi
+            iterations[cols] += 1
+            res = phibar.abs()
+            done = (res <= threshold[cols]) | (beta <= tiny)
+            if bool(done.any()):
+                idx = cols[done]
+                X[:, idx] = Xw[:, done]
+                final_res[idx] = res[done]
+                keep = ~done
+                cols, R1, R2, Y = cols[keep], R1[:, keep], R2[:, keep], Y[:, keep]
+                Xw, W, W2 = Xw[:, keep], W[:, keep], W2[:, keep]
+                beta, oldb, dbar, epsln = beta[keep], oldb[keep], dbar[keep], epsln[keep]
+                phibar, cs, sn = phibar[keep], cs[keep], sn[keep]
+        if cols.numel():
+            X[:, cols] = Xw
+            final_res[cols] = phibar.abs()
+        converged = final_res <= threshold
+        final, b_norm = final_res.cpu(), b_norm.cpu()
+        relative = torch.where(b_norm > 0, final / b_norm.clamp_min(torch.finfo(final.dtype).tiny), 0.0)
+        self.last_info = CGInfo(
+            iterations=tuple(iterations.tolist()),
+            residual_norms=tuple(final.tolist()),
+            relative_residuals=tuple(relative.tolist()),
+            converged=tuple(converged.tolist()),
+            breakdown=(False,) * k,
+            num_matvecs=num_matvecs,
+        )
+        if not self.last_info.all_converged:
+            logger.warning("MINRES did not converge for %d of %d columns within max_iter=%d",
+                           k - int(converged.sum()), k, self.max_iter)
+        return X
+
+    def __repr__(self) -> str:
+        return f"MINRESInverse(op={self.op!r}, damping={self.damping:g}, tol={self.tol:g}, max_iter={self.max_iter})"
+
+
 def inverse(
     op: Any,
     *,
@@ -223,12 +365,16 @@ def inverse(
     max_iter: int | None = None,
     preconditioner: Preconditioner = None,
     maxiter: int | None = None,
-) -> CGInverse:
+    negative_curvature: str = "raise",
+) -> CGInverse | MINRESInverse:
     """The damped inverse ``(op + damping · I)⁻¹`` of any operator, applied matrix-free.
 
-    ``method="cg"`` (the only one so far) returns a :class:`CGInverse`: batched preconditioned
-    conjugate gradients over all right-hand sides at once, with the last solve's iterations and
-    residuals in ``.last_info``.
+    ``method="cg"`` returns a :class:`CGInverse`: batched preconditioned conjugate gradients over
+    all right-hand sides at once, with the last solve's iterations and residuals in
+    ``.last_info``; ``op + damping · I`` must be positive definite (negative curvature raises
+    :class:`NegativeCurvatureError`, or stops the column with ``negative_curvature="stop"``).
+    ``method="minres"`` returns a :class:`MINRESInverse` for symmetric indefinite systems (no
+    preconditioner).
 
     Example:
         >>> A = torch.diag(torch.tensor([1.0, 3.0], dtype=torch.float64))
@@ -239,4 +385,9 @@ def inverse(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     max_iter = renamed_option(max_iter, maxiter, new="max_iter", old="maxiter", where="inverse")
-    return CGInverse(op, damping=damping, tol=tol, max_iter=max_iter, preconditioner=preconditioner)
+    if method == "minres":
+        if preconditioner is not None:
+            raise ValueError("method='minres' takes no preconditioner (use method='cg' for a preconditioned solve)")
+        return MINRESInverse(op, damping=damping, tol=tol, max_iter=max_iter)
+    return CGInverse(op, damping=damping, tol=tol, max_iter=max_iter, preconditioner=preconditioner,
+                     negative_curvature=negative_curvature)

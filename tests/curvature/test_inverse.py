@@ -11,7 +11,7 @@ from scipy.sparse.linalg import aslinearoperator
 from torch import nn
 
 from curvature.hessian import Hessian
-from curvature.inverse import CGInfo, CGInverse, inverse
+from curvature.inverse import CGInfo, CGInverse, MINRESInverse, NegativeCurvatureError, inverse
 from curvature.linear_operator import DenseOperator
 from curvature.mfac import MFACInverse
 from tests.matrices import rel
@@ -133,9 +133,56 @@ def test_non_convergence_and_breakdown_are_reported(caplog):
     assert inv.last_info.iterations == (3,) and inv.last_info.converged == (False,)
     assert "did not converge" in caplog.text
     indefinite = torch.diag(torch.tensor([1.0, -3.0, 2.0], dtype=f64))
-    bad = inverse(indefinite, damping=0.5)
+    bad = inverse(indefinite, damping=0.5, negative_curvature="stop")
     bad @ torch.ones(3, dtype=f64)
     assert bad.last_info.breakdown == (True,) and not bad.last_info.all_converged
+
+
+def _indefinite(d=40, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=f64))
+    return (Q * torch.linspace(-5.0, 10.0, d, dtype=f64)) @ Q.T, torch.randn(d, 3, generator=gen, dtype=f64)
+
+
+def test_cg_raises_on_negative_curvature_and_names_the_fixes():
+    A, B = _indefinite()
+    with pytest.raises(NegativeCurvatureError, match=r"GGN.*damping above \|λ_min\(A\)\|.*method='minres'") as err:
+        inverse(A, damping=0.3) @ B
+    assert err.value.curvature <= 0 and err.value.damping == 0.3
+    # Damping above |λ_min| = 5 makes the system definite: no error, matches the dense solve.
+    inv = inverse(A, damping=5.5, tol=1e-12)
+    assert rel(inv @ B, torch.linalg.solve(damped(A, 5.5), B)) <= 1e-9
+    # A Hessian with negative eigenvalues (tanh MLP away from a minimum) and a small damping.
+    gen = torch.Generator().manual_seed(3)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).to(f64)
+    x, y = torch.randn(20, 3, generator=gen, dtype=f64), torch.randn(20, 2, generator=gen, dtype=f64)
+    H = Hessian(model, nn.MSELoss(), (x, y))
+    lam_min = float(torch.linalg.eigvalsh(H.to_dense())[0])
+    assert lam_min < -1e-3
+    b = torch.randn(H.shape[0], generator=gen, dtype=f64)
+    with pytest.raises(NegativeCurvatureError):
+        inverse(H, damping=1e-3 * abs(lam_min), max_iter=500) @ b
+
+
+@pytest.mark.parametrize("lam", [0.3, 2.0])
+def test_minres_matches_dense_solve_on_indefinite_systems(lam):
+    A, B = _indefinite()
+    inv = inverse(A, damping=lam, method="minres", tol=1e-12)
+    assert isinstance(inv, MINRESInverse)
+    X = inv @ B
+    assert rel(X, torch.linalg.solve(damped(A, lam), B)) <= 1e-9
+    assert inv.last_info.all_converged and len(inv.last_info.iterations) == 3
+    # One column alone gives the same answer as in the block; SPD systems too.
+    assert rel(inv @ B[:, 1], X[:, 1]) <= 1e-12
+    S = spd(30, cond=1e3, seed=4)
+    b = torch.randn(30, dtype=f64, generator=torch.Generator().manual_seed(5))
+    assert rel(inverse(S, damping=1e-2, method="minres", tol=1e-12) @ b, torch.linalg.solve(damped(S, 1e-2), b)) <= 1e-9
+    with pytest.raises(ValueError, match="no preconditioner"):
+        inverse(A, damping=lam, method="minres", preconditioner=torch.ones(40, dtype=f64))
+    with pytest.raises(ValueError, match="negative_curvature must be one of"):
+        inverse(A, damping=lam, negative_curvature="ignore")
 
 
 def test_bad_input():
