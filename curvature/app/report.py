@@ -1,285 +1,499 @@
-"""A full curvature report of a model: traces, per-layer traces, top eigenvalues and the spectrum.
+"""A curvature report of a problem, section by section: traces, eigenvalues, spectrum, analyses, bit plan.
 
-Application layer (like the CLI): it uses the estimators and spectra packages.
+Each section is a frozen dataclass of results. :func:`compute_sections` yields them one at a time
+so the command can save each as soon as it is finished (Ctrl-C then keeps what was done);
+:func:`curvature_report` runs them all and returns a :class:`CurvatureReport`.
+
+Numbers carry their standard errors; tables and figures show ``± 2 s.e.`` everywhere.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
+import math
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Union
 
 import torch
-from matplotlib.axes import Axes
 from torch import Tensor, nn
 
 import estimators
+import quant
 import spectra
 from curvature import GGN, Hessian
 from estimators import TraceEstimate
-from spectra import EigenResult, SpectralDensity
+from spectra import EigenResult, SpectralDensity, SpectralSumEstimate, analysis
 
-__all__ = ["CurvatureReport", "curvature_report"]
+from .problem import Problem, check_problem
+
+__all__ = [
+    "AnalysisSection",
+    "CurvatureReport",
+    "EigenSection",
+    "LayerTrace",
+    "QuantSection",
+    "ReportSettings",
+    "SpectrumSection",
+    "SummarySection",
+    "TraceSection",
+    "compute_sections",
+    "curvature_report",
+    "disagreements",
+]
 
 logger = logging.getLogger(__name__)
 
+#: The error-bar width of every table and figure, in standard errors.
+ERROR_BAR_SE = 2.0
+
 
 @dataclass(frozen=True)
-class CurvatureReport:
-    """Everything ``curvature report`` computes, as values (see :func:`curvature_report`).
+class ReportSettings:
+    """Budgets of a report (``quick()`` for smoke tests; every field has a sensible default).
 
     Attributes:
-        name: what was analysed.
-        summary: number of parameters, samples and batches, loss and gradient norm.
-        hessian_trace: Hutchinson-family estimate of ``tr(H)`` (a ``TraceEstimate``).
-        ggn_trace: the same for the GGN (``tr(H) - tr(G)`` is the curvature of the residual term).
-        layer_traces: per-layer (module) trace estimates of ``H`` from the same probes.
-        layer_sizes: each layer's parameter count; ``trace / numel`` is HAWQ-V2's sensitivity.
-        top_eigenpairs: the ``EigenResult`` of the largest Hessian eigenvalues.
-        bottom_eigenvalue: the smallest eigenvalue (an ``EigenResult`` with ``k=1``).
-        density: the SLQ ``SpectralDensity`` of the Hessian.
-        timings: seconds per stage.
-        layer_types: each layer's module class name.
+        num_matvecs: product budget of each trace estimate; traces are exact when the number of
+            parameters ``d`` is at most this.
+        top_k: top eigenvalues (with true residuals).
+        slq_probes, slq_steps: the spectral density's probes and Lanczos steps.
+        tol: eigensolver tolerance (relative residual).
+        outlier_window: top eigenvalues the outlier analysis examines.
+        decompose_k: extreme eigenvalues per term of ``H = G + R``; ``decompose_max_iter`` caps
+            the products of each of its eigensolves.
+        quant_matvecs: Hutchinson products of the HAWQ sensitivities.
+        bit_choices: bit-widths the bit plan chooses from.
+        graph_cache_bytes: memory the operators may keep for cached graphs.
+        sections: which sections to compute (of ``summary``, ``traces``, ``eigenvalues``, ``spectrum``,
+            ``analyses``, ``quantization``).
     """
 
+    num_matvecs: int = 120
+    top_k: int = 5
+    slq_probes: int = 4
+    slq_steps: int = 80
+    tol: float = 1e-5
+    outlier_window: int = 30
+    decompose_k: int = 3
+    decompose_max_iter: int = 300
+    quant_matvecs: int = 48
+    bit_choices: tuple[int, ...] = (2, 4, 8)
+    graph_cache_bytes: int = 1 << 30
+    sections: tuple[str, ...] = ("summary", "traces", "eigenvalues", "spectrum", "analyses", "quantization")
+
+    @classmethod
+    def quick(cls, **changes: Any) -> ReportSettings:
+        """Small budgets: every section runs, in a few seconds on the built-in problem."""
+        base = dict(num_matvecs=30, top_k=3, slq_probes=2, slq_steps=30, tol=1e-3, outlier_window=20,
+                    decompose_k=2, decompose_max_iter=60, quant_matvecs=12)
+        base.update(changes)
+        return cls(**base)
+
+
+@dataclass(frozen=True)
+class SummarySection:
+    """What was analysed: sizes, loss, gradient norm, the problem's metric and extra numbers."""
+
     name: str
-    summary: dict[str, Any]
-    hessian_trace: TraceEstimate
-    ggn_trace: TraceEstimate
-    layer_traces: dict[str, TraceEstimate]
-    layer_sizes: dict[str, int]
-    top_eigenpairs: EigenResult
-    bottom_eigenvalue: EigenResult
-    density: SpectralDensity
-    timings: dict[str, float] = field(default_factory=dict)
-    layer_types: dict[str, str] = field(default_factory=dict)
+    num_params: int
+    num_layers: int
+    num_samples: int
+    num_batches: int
+    loss: float
+    grad_norm: float
+    metric_name: str | None
+    metric: float | None
+    info: dict[str, float]
+    dtype: str
+    device: str
+    ggn_unavailable: str | None
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dictionary of the report's numbers."""
 
-        def est(e: TraceEstimate) -> dict[str, Any]:
-            return {"value": e.value, "stderr": e.stderr, "num_matvecs": e.num_matvecs, "method": e.method}
+@dataclass(frozen=True)
+class LayerTrace:
+    """The Hessian trace of one layer (module, by qualified name) and its size."""
 
-        top = self.top_eigenpairs
-        return {
-            "name": self.name,
-            "summary": self.summary,
-            "hessian_trace": est(self.hessian_trace),
-            "ggn_trace": est(self.ggn_trace),
-            "layers": {
-                name: {**est(e), "numel": self.layer_sizes[name], "trace_per_param": e.value / self.layer_sizes[name]}
-                for name, e in self.layer_traces.items()
-            },
-            "top_eigenvalues": top.eigenvalues.tolist(),
-            "top_eigenvalue_residuals": top.residuals.tolist(),
-            "top_eigenvalues_converged": top.converged.tolist(),
-            "smallest_eigenvalue": self.bottom_eigenvalue.eigenvalues[0].item(),
-            "density": {
-                "num_probes": self.density.num_probes,
-                "num_steps": self.density.num_steps,
-                "support": list(self.density.support()),
-                "mass_below_minus_1pct_of_top": self.negative_mass,
-                "trace_from_slq": self.density.trace().value,
-            },
-            "timings_s": self.timings,
-        }
+    name: str
+    type: str
+    numel: int
+    trace: TraceEstimate
 
     @property
-    def negative_mass(self) -> float:
-        """Fraction of the (quadrature) spectral mass below ``-1%`` of the top eigenvalue.
-
-        The bulk of a trained network's spectrum straddles zero at the scale of the quadrature's
-        resolution, so a plain ``λ < 0`` count mostly measures noise around zero.
-        """
-        nodes, weights = self.density.nodes, self.density.weights
-        threshold = -0.01 * abs(self.top_eigenpairs.eigenvalues[0].item())
-        return float((weights * (nodes < threshold)).sum() / weights.sum())
-
-    def layer_label(self, name: str) -> str:
-        kind = self.layer_types.get(name)
-        return f"{name} ({kind})" if kind else name
-
-    def to_markdown(self) -> str:
-        """The report as a Markdown document (the figures are referenced by file name)."""
-        s, h, g = self.summary, self.hessian_trace, self.ggn_trace
-        top = self.top_eigenpairs
-        lines = [
-            f"# Curvature report: {self.name}",
-            "",
-            f"- parameters: {s['num_params']:,} in {s['num_layers']} layers; samples: {s['num_samples']:,} "
-            f"in {s['num_batches']} batches",
-            f"- loss: {s['loss']:.6g}; gradient norm: {s['grad_norm']:.4g}",
-            f"- trace of the Hessian: {h.value:.6g} ± {h.stderr:.2g} ({h.method}, {h.num_matvecs} products)",
-            f"- trace of the GGN: {g.value:.6g} ± {g.stderr:.2g}",
-            f"- top eigenvalues of the Hessian: {', '.join(f'{v:.5g}' for v in top.eigenvalues.tolist())}"
-            f" (max residual {top.residuals.max().item():.2g}, all converged: {bool(top.converged.all())})",
-            f"- smallest eigenvalue: {self.bottom_eigenvalue.eigenvalues[0].item():.5g}; "
-            f"|λ_min / λ_max| = {abs(self.bottom_eigenvalue.eigenvalues[0].item() / top.eigenvalues[0].item()):.3g}; "
-            f"spectral mass below -1% of λ_max: {100 * self.negative_mass:.2f}%",
-            f"- λ_max over the mean eigenvalue tr/d: {top.eigenvalues[0].item() / (h.value / s['num_params']):.4g}",
-            "",
-            "## Per-layer Hessian traces (one shared set of probes)",
-            "",
-            "| layer | parameters | trace | ± stderr | trace / parameter |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for name, e in self.layer_traces.items():
-            n = self.layer_sizes[name]
-            lines.append(f"| {self.layer_label(name)} | {n:,} | {e.value:.5g} | {e.stderr:.2g} | {e.value / n:.4g} |")
-        lines += [
-            "",
-            "## Eigenvalue density (stochastic Lanczos quadrature)",
-            "",
-            f"{self.density.num_probes} probes × {self.density.num_steps} Lanczos steps; support "
-            f"[{self.density.support()[0]:.4g}, {self.density.support()[1]:.4g}].",
-            "",
-            "![Hessian eigenvalue density](density.png)",
-            "",
-            "![Per-layer sensitivity](layers.png)",
-            "",
-            "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in self.timings.items()),
-            "",
-        ]
-        return "\n".join(lines)
-
-    def plot_layers(self, ax: Axes | None = None) -> Axes:
-        """Bar chart of each layer's trace per parameter (HAWQ-V2 sensitivity) with 2-stderr bars."""
-        import matplotlib.pyplot as plt
-
-        if ax is None:
-            _, ax = plt.subplots(figsize=(7, 0.45 * len(self.layer_traces) + 1.5))
-        names = list(self.layer_traces)
-        vals = [self.layer_traces[n].value / self.layer_sizes[n] for n in names]
-        errs = [2 * self.layer_traces[n].stderr / self.layer_sizes[n] for n in names]
-        ax.barh(range(len(names)), vals, xerr=errs, color="#3a6ea5", ecolor="#333333", capsize=3)
-        ax.set_yticks(range(len(names)), [self.layer_label(n) for n in names])
-        ax.invert_yaxis()
-        ax.axvline(0, color="black", lw=0.8)
-        ax.set_xlabel("Hessian trace per parameter (± 2 s.e.)")
-        ax.set_title("Per-layer curvature")
-        ax.grid(axis="x", alpha=0.3)
-        for side in ("top", "right"):
-            ax.spines[side].set_visible(False)
-        return ax
-
-    def save(self, directory: str | os.PathLike) -> dict[str, str]:
-        """Write ``report.json``, ``report.md``, ``density.png``, ``layers.png`` and the density
-        (``density.npz``, reloadable with ``SpectralDensity.load``); return the paths."""
-        import matplotlib.pyplot as plt
-
-        os.makedirs(directory, exist_ok=True)
-        paths = {k: os.path.join(directory, f) for k, f in (
-            ("json", "report.json"), ("markdown", "report.md"), ("density_figure", "density.png"),
-            ("layers_figure", "layers.png"), ("density", "density.npz"))}
-        with open(paths["json"], "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-        with open(paths["markdown"], "w") as f:
-            f.write(self.to_markdown())
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        self.density.plot(ax=ax, top_eigenvalues=self.top_eigenpairs, title=f"Hessian spectrum: {self.name}")
-        fig.tight_layout()
-        fig.savefig(paths["density_figure"], dpi=150)
-        plt.close(fig)
-        ax = self.plot_layers()
-        ax.figure.tight_layout()
-        ax.figure.savefig(paths["layers_figure"], dpi=150)
-        plt.close(ax.figure)
-        self.density.save(paths["density"])
-        return paths
+    def label(self) -> str:
+        """``"name (Type)"``, the layer's label in tables and figures."""
+        return f"{self.name} ({self.type})" if self.name else f"(root) ({self.type})"
 
 
-def _gradient_summary(H: Hessian) -> tuple[float, float]:
-    """Mean loss and gradient norm over the data (sample-weighted like the operators)."""
-    total_loss, grad, n_total = 0.0, None, 0
+@dataclass(frozen=True)
+class TraceSection:
+    """Traces of the Hessian and the GGN, per-layer Hessian traces, and notes on disagreements.
+
+    ``hessian`` is the best estimate for the budget (exact when ``d <= num_matvecs``); the others in
+    ``alternatives`` estimate the same number and are compared with it in ``notes``.
+    """
+
+    hessian: TraceEstimate
+    ggn: TraceEstimate | None
+    layers: tuple[LayerTrace, ...]
+    alternatives: dict[str, TraceEstimate]
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class EigenSection:
+    """Extreme Hessian eigenvalues with the solver's and the true relative residuals ``‖Hv − λv‖/|λ|``."""
+
+    top: EigenResult
+    bottom: EigenResult
+    top_true_residuals: Tensor
+    bottom_true_residuals: Tensor
+
+
+@dataclass(frozen=True)
+class SpectrumSection:
+    """The SLQ eigenvalue density and the spectral sums it gives for free."""
+
+    density: SpectralDensity
+    trace: SpectralSumEstimate
+    negative_mass: float
+
+
+@dataclass(frozen=True)
+class AnalysisSection:
+    """Spectral analyses (:mod:`spectra.analysis`): outliers vs classes, ``H = G + R``, learning rate."""
+
+    outliers: analysis.OutlierReport | None
+    decomposition: analysis.Decomposition | None
+    hyperparameters: analysis.HyperparameterSuggestion | None
+    skipped: dict[str, str]
+
+
+@dataclass(frozen=True)
+class QuantSection:
+    """A HAWQ-V2 bit plan under the size of uniform 4-bit weights, with the Pareto frontier."""
+
+    sensitivities: dict[str, quant.LayerSensitivity]
+    plan: quant.BitPlan
+    uniform: dict[int, quant.BitPlan]
+    frontier: tuple[quant.BitPlan, ...]
+    budget_bytes: float
+
+
+Section = Union[SummarySection, TraceSection, EigenSection, SpectrumSection, AnalysisSection, QuantSection]
+SECTION_NAMES = {SummarySection: "summary", TraceSection: "traces", EigenSection: "eigenvalues",
+                 SpectrumSection: "spectrum", AnalysisSection: "analyses", QuantSection: "quantization"}
+
+
+@dataclass
+class CurvatureReport:
+    """The sections computed so far, their timings and the settings (complete once all are in)."""
+
+    name: str
+    settings: ReportSettings
+    summary: SummarySection | None = None
+    traces: TraceSection | None = None
+    eigenvalues: EigenSection | None = None
+    spectrum: SpectrumSection | None = None
+    analyses: AnalysisSection | None = None
+    quantization: QuantSection | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def add(self, section: Section, seconds: float) -> None:
+        """Store a finished section and its time."""
+        key = SECTION_NAMES[type(section)]
+        setattr(self, key, section)
+        self.timings[key] = seconds
+
+    @property
+    def finished(self) -> list[str]:
+        """Names of the sections computed."""
+        return [k for k in self.settings.sections if getattr(self, k) is not None]
+
+    @property
+    def complete(self) -> bool:
+        """Whether every requested section is in."""
+        return len(self.finished) == len(self.settings.sections)
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+@contextmanager
+def _phase(label: str, progress: bool) -> Iterator[None]:
+    """A status line on stderr around a phase (the command's progress, off in library use)."""
+    start = time.perf_counter()
+    if progress:
+        print(f"[curvature] {label}...", file=sys.stderr, flush=True)
+    yield
+    if progress:
+        print(f"[curvature] {label}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- estimates
+
+
+def disagreements(named: dict[str, Any], *, threshold: float = ERROR_BAR_SE) -> list[str]:
+    """Sentences for each pair of estimates of one quantity that differ by more than ``threshold``
+    combined standard errors, with the likely reason.
+
+    Example:
+        >>> a = TraceEstimate(10.0, 0.1, 100, "hutchinson", "rademacher")
+        >>> b = TraceEstimate(12.0, 0.1, 100, "auto:xtrace", "sphere")
+        >>> disagreements({"A": a, "B": b})[0][:40]
+        'A = 10 ± 0.2 and B = 12 ± 0.2 differ by '
+    """
+    notes = []
+    items = [(k, e) for k, e in named.items() if e is not None and math.isfinite(float(e.value))]
+    for i, (na, a) in enumerate(items):
+        for nb, b in items[i + 1:]:
+            se = math.hypot(float(a.stderr), float(b.stderr))
+            gap = abs(float(a.value) - float(b.value))
+            if gap == 0 or (math.isfinite(se) and gap <= threshold * se):
+                continue
+            ratio = gap / se if se > 0 else math.inf
+            reasons = []
+            methods = {str(a.method), str(b.method)}
+            if any("xtrace" in m for m in methods):
+                reasons.append("XTrace's error estimate is known to be optimistic (Epperly, Tropp & Webber 2024)")
+            if any(m in ("hutchinson", "slq") for m in methods):
+                reasons.append("with few probes and a few dominant eigenvalues, vᵀHv is heavy-tailed and the "
+                               "sample standard error itself is uncertain (use more --probes)")
+            if not reasons:
+                reasons.append("the standard errors are themselves estimates from few samples")
+            notes.append(
+                f"{na} = {float(a.value):.5g} ± {ERROR_BAR_SE * float(a.stderr):.2g} and {nb} = "
+                f"{float(b.value):.5g} ± {ERROR_BAR_SE * float(b.stderr):.2g} differ by "
+                f"{'more than' if not math.isfinite(ratio) else f'{ratio:.1f}'} combined s.e.: " + "; ".join(reasons)
+            )
+    return notes
+
+
+def _exact_layer_traces(H: Hessian, *, progress: bool) -> tuple[dict[str, TraceEstimate], TraceEstimate]:
+    """Exact per-module and total traces from the exact diagonal (``d`` products)."""
+    diag = estimators.diagonal(H, method="exact", progress=progress)
+    d = H.shape[0]
+    per_module: dict[str, float] = {}
+    for block in H.blocks:
+        per_module[block.module] = per_module.get(block.module, 0.0) + float(diag.value[block.slice].sum())
+    make = lambda v: TraceEstimate(v, 0.0, d, "exact", "unit")  # noqa: E731
+    return {m: make(v) for m, v in per_module.items()}, make(float(diag.value.sum()))
+
+
+def _true_residuals(H: Hessian, result: EigenResult) -> Tensor:
+    """``‖H v − λ v‖ / |λ|`` for each pair, from one block product."""
+    V = result.eigenvectors
+    lam = result.eigenvalues.to(V.dtype)
+    R = H @ V - V * lam
+    return (R.double().norm(dim=0) / result.eigenvalues.abs().clamp_min(1e-300)).cpu()
+
+
+def _metric_value(problem: Problem, H: Hessian) -> float | None:
+    if problem.metric is None:
+        return None
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for _, inputs, targets, n in H.batches():
+            outputs = H.model(**inputs) if isinstance(inputs, dict) else (
+                H.model(*inputs) if isinstance(inputs, (tuple, list)) else H.model(inputs))
+            outputs = getattr(outputs, "logits", outputs)
+            if problem.metric == "accuracy":
+                value = (outputs.argmax(-1) == targets).float().mean()
+            else:
+                value = problem.metric(outputs, targets)
+            total += float(value) * n
+            count += n
+    return total / count
+
+
+def _summary(problem: Problem, H: Hessian, ggn_unavailable: str | None) -> SummarySection:
+    total_loss, grad, weight = 0.0, None, 0.0
     for index, inputs, targets, n in H.batches():
         with torch.enable_grad():
             loss = H.loss(inputs, targets, index)
             g = torch.autograd.grad(loss, H.params, allow_unused=True, materialize_grads=True)
-        w = n if H.loss_info.reduction == "mean" else 1
+        w = n if H.loss_info.reduction == "mean" else 1.0
         flat = torch.cat([t.reshape(-1) for t in g]) * w
         grad = flat if grad is None else grad + flat
         total_loss += loss.item() * w
-        n_total += n
-    scale = n_total if H.loss_info.reduction == "mean" else 1
-    return total_loss / scale, (grad / scale).norm().item()
+        weight += n
+    scale = weight if H.loss_info.reduction == "mean" else 1.0
+    modules = {b.module for b in H.blocks}
+    return SummarySection(
+        name=problem.name, num_params=H.shape[0], num_layers=len(modules), num_samples=H.num_samples,
+        num_batches=H.num_batches, loss=total_loss / scale, grad_norm=(grad / scale).norm().item(),
+        metric_name=None if problem.metric is None else (
+            problem.metric if isinstance(problem.metric, str) else getattr(problem.metric, "__name__", "metric")),
+        metric=_metric_value(problem, H), info=dict(problem.info), dtype=str(H.dtype), device=str(H.device),
+        ggn_unavailable=ggn_unavailable,
+    )
+
+
+def _traces(problem: Problem, H: Hessian, s: ReportSettings, gen: torch.Generator, progress: bool,
+            ggn_unavailable: str | None) -> TraceSection:
+    """Per-layer and total Hessian traces and the GGN trace: exact when ``d <= num_matvecs``."""
+    d = H.shape[0]
+    modules = dict(problem.model.named_modules())
+    sizes: dict[str, int] = {}
+    for block in H.blocks:
+        sizes[block.module] = sizes.get(block.module, 0) + block.numel
+    alternatives: dict[str, TraceEstimate] = {}
+    if d <= s.num_matvecs:
+        layer_est, best = _exact_layer_traces(H, progress=progress)
+    else:
+        per_layer = estimators.block_traces(H, num_matvecs=s.num_matvecs, group_by_module=True, generator=gen,
+                                            progress=progress)
+        layer_est = dict(per_layer)
+        alternatives["Hutchinson (sum of the per-layer probes)"] = per_layer.total
+        best = estimators.trace(H, num_matvecs=s.num_matvecs, method="auto", generator=gen, progress=progress)
+        if per_layer.total.stderr < best.stderr:
+            best, alternatives = per_layer.total, {f"trace ({best.method})": best}
+    ggn = None
+    if ggn_unavailable is None:
+        with GGN(problem.model, problem.loss_fn, problem.data, graph_cache_bytes=s.graph_cache_bytes,
+                 allow_train_mode=H.allow_train_mode) as G:
+            ggn = estimators.trace(G, num_matvecs=s.num_matvecs, method="auto", generator=gen, progress=progress)
+    layers = tuple(
+        LayerTrace(name, type(modules[name]).__name__ if name in modules else "?", sizes[name], est)
+        for name, est in layer_est.items()
+    )
+    notes = disagreements({"tr(H)": best, **alternatives})
+    return TraceSection(best, ggn, layers, alternatives, tuple(notes))
+
+
+def _eigenvalues(H: Hessian, s: ReportSettings, gen: torch.Generator) -> EigenSection:
+    d = H.shape[0]
+    top = spectra.eigsh(H, k=min(s.top_k, d), which="LA", tol=s.tol, generator=gen)
+    bottom = spectra.eigsh(H, k=1, which="SA", tol=s.tol, generator=gen)
+    return EigenSection(top, bottom, _true_residuals(H, top), _true_residuals(H, bottom))
+
+
+def _spectrum(H: Hessian, s: ReportSettings, gen: torch.Generator, progress: bool,
+              top: EigenResult | None) -> SpectrumSection:
+    density = spectra.slq(H, num_probes=s.slq_probes, num_steps=min(s.slq_steps, H.shape[0]), generator=gen,
+                          progress=progress)
+    scale = abs(float(top.eigenvalues[0])) if top is not None else float(density.nodes.abs().max())
+    nodes, weights = density.nodes, density.weights
+    negative = float((weights * (nodes < -0.01 * scale)).sum() / weights.sum())
+    return SpectrumSection(density, density.trace(), negative)
+
+
+def _analyses(problem: Problem, H: Hessian, s: ReportSettings, gen: torch.Generator,
+              report: CurvatureReport, ggn_unavailable: str | None) -> AnalysisSection:
+    skipped: dict[str, str] = {}
+    trace = report.traces.hessian if report.traces is not None else None
+    k = min(s.outlier_window, H.shape[0])
+    out = analysis.outliers(H, num_classes=problem.num_classes, k=k, trace=trace, generator=gen,
+                            num_steps=min(max(4 * k, 60), H.shape[0]))
+    dec = None
+    if ggn_unavailable is None:
+        dec = analysis.decompose(problem.model, problem.loss_fn, problem.data, k=s.decompose_k, tol=max(s.tol, 1e-4),
+                                 max_iter=s.decompose_max_iter, trace_matvecs=s.num_matvecs, generator=gen,
+                                 allow_train_mode=H.allow_train_mode)
+    else:
+        skipped["decomposition"] = ggn_unavailable
+    hyper = None
+    if report.spectrum is not None:
+        hyper = analysis.suggest_hyperparameters(report.spectrum.density)
+    else:
+        skipped["hyperparameters"] = "needs the spectrum section"
+    return AnalysisSection(out, dec, hyper, skipped)
+
+
+def _quantization(problem: Problem, s: ReportSettings, gen: torch.Generator,
+                  allow_train_mode: bool) -> QuantSection:
+    sens = quant.sensitivity(problem.model, problem.loss_fn, problem.data, num_matvecs=s.quant_matvecs,
+                             generator=gen, hessian_options={"allow_train_mode": allow_train_mode,
+                                                             "graph_cache_bytes": s.graph_cache_bytes})
+    uniform = {b: quant.make_plan(problem.model, sens, b) for b in s.bit_choices}
+    budget = quant.make_plan(problem.model, sens, 4).size_bytes
+    plan = quant.allocate_bits(problem.model, sens, bit_choices=s.bit_choices, max_size_bytes=budget)
+    frontier = quant.pareto_frontier(problem.model, sens, bit_choices=s.bit_choices)
+    return QuantSection(dict(sens), plan, uniform, tuple(frontier), budget)
+
+
+def compute_sections(
+    problem: Problem,
+    *,
+    settings: ReportSettings | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    allow_train_mode: bool = False,
+    report: CurvatureReport | None = None,
+) -> Iterator[tuple[str, float]]:
+    """Compute the sections of ``settings.sections`` into ``report``, yielding ``(name, seconds)`` after each.
+
+    ``report`` (a fresh :class:`CurvatureReport` by default) holds the finished sections when the
+    caller stops iterating or the run is interrupted.
+    """
+    s = settings or ReportSettings()
+    report = report if report is not None else CurvatureReport(problem.name, s)
+    checked = check_problem(problem, allow_train_mode=allow_train_mode)
+    device = next(p for p in problem.model.parameters() if p.requires_grad).device
+    gen = generator if generator is not None else torch.Generator(device=device)
+    H = Hessian(problem.model, problem.loss_fn, problem.data, graph_cache_bytes=s.graph_cache_bytes,
+                allow_train_mode=allow_train_mode)
+    ggn_off = checked.ggn_unavailable
+    steps: list[tuple[str, str, Callable[[], Section]]] = [
+        ("summary", "loss, gradient and metric", lambda: _summary(problem, H, ggn_off)),
+        ("traces", "traces (Hessian, GGN, per layer)", lambda: _traces(problem, H, s, gen, progress, ggn_off)),
+        ("eigenvalues", f"top {s.top_k} and smallest eigenvalues (Lanczos)", lambda: _eigenvalues(H, s, gen)),
+        ("spectrum", "eigenvalue density (stochastic Lanczos quadrature)",
+         lambda: _spectrum(H, s, gen, progress, report.eigenvalues.top if report.eigenvalues else None)),
+        ("analyses", "spectral analyses (outliers, H = G + R, learning rate)",
+         lambda: _analyses(problem, H, s, gen, report, ggn_off)),
+        ("quantization", "HAWQ-V2 sensitivities and bit plan",
+         lambda: _quantization(problem, s, gen, allow_train_mode)),
+    ]
+    with H:
+        for name, label, run in steps:
+            if name not in s.sections:
+                continue
+            start = time.perf_counter()
+            with _phase(label, progress):
+                section = run()
+            seconds = time.perf_counter() - start
+            report.add(section, seconds)
+            yield name, seconds
 
 
 def curvature_report(
-    model: nn.Module,
-    loss_fn: Callable[..., Tensor],
-    data: tuple[Any, Any] | Iterable[tuple[Any, Any]],
+    model: nn.Module | Problem,
+    loss_fn: Callable[..., Tensor] | None = None,
+    data: Any = None,
     *,
     name: str = "model",
-    num_matvecs: int = 100,
-    top_k: int = 5,
-    slq_probes: int = 4,
-    slq_steps: int = 80,
-    tol: float = 1e-5,
+    settings: ReportSettings | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    allow_train_mode: bool = False,
 ) -> CurvatureReport:
-    """Compute a :class:`CurvatureReport` of ``loss_fn(model(inputs), targets)`` over ``data``.
+    """Compute every section of a :class:`CurvatureReport` of ``loss_fn(model(inputs), targets)`` over ``data``.
 
-    Costs about ``2 num_matvecs`` products for the traces, a few hundred for the eigenvalues and
-    ``slq_probes x slq_steps`` for the density.
+    Args:
+        model: the model, or a whole :class:`~curvature.app.problem.Problem` (then omit ``loss_fn``/``data``).
+        loss_fn, data: as for :class:`curvature.Hessian`.
+        name: the model's name in the report.
+        settings: budgets (:class:`ReportSettings`; ``ReportSettings.quick()`` for a fast look).
+        generator: the only source of randomness (``None``: fresh OS-seeded).
+        progress: status lines and tqdm bars on stderr.
+        allow_train_mode: analyse a model in train mode anyway.
 
     Example:
-        >>> _ = torch.manual_seed(0)
+        >>> g = torch.Generator().manual_seed(0)
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
-        >>> data = (torch.randn(32, 4), torch.randint(0, 3, (32,)))
-        >>> r = curvature_report(model, nn.CrossEntropyLoss(), data, num_matvecs=20, top_k=2,
-        ...                      slq_probes=2, slq_steps=10, generator=torch.Generator().manual_seed(0))
-        >>> sorted(r.layer_traces)
-        ['0', '2']
+        >>> data = (torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g))
+        >>> r = curvature_report(model, nn.CrossEntropyLoss(), data, generator=g,
+        ...                      settings=ReportSettings(num_matvecs=80, sections=("summary", "traces")))
+        >>> [layer.label for layer in r.traces.layers], r.traces.hessian.method
+        (['0 (Linear)', '2 (Linear)'], 'exact')
     """
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    timings: dict[str, float] = {}
-    H = Hessian(model, loss_fn, data, progress=False)
-    d = H.shape[0]
-    with H:
-        start = time.perf_counter()
-        loss, grad_norm = _gradient_summary(H)
-        num_batches, num_samples = H.num_batches, H.num_samples
-        timings["gradient"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        layer_traces = estimators.block_traces(
-            H, num_matvecs=num_matvecs, group_by_module=True, generator=gen, progress=progress
-        )
-        groups: dict[str, int] = {}
-        for block in H.blocks:
-            groups[block.module] = groups.get(block.module, 0) + block.numel
-        hessian_trace = layer_traces.total
-        timings["hessian traces"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        top = spectra.eigsh(H, k=min(top_k, d), which="LA", tol=tol, generator=gen)
-        bottom = spectra.eigsh(H, k=1, which="SA", tol=tol, generator=gen)
-        timings["eigenvalues"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        density = spectra.slq(H, num_probes=slq_probes, num_steps=min(slq_steps, d), generator=gen, progress=progress)
-        timings["density"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    with GGN(model, loss_fn, data) as G:
-        ggn_trace = estimators.trace(G, num_matvecs=num_matvecs, generator=gen, progress=progress)
-    timings["ggn trace"] = time.perf_counter() - start
-    summary = {
-        "num_params": d,
-        "num_layers": len(groups),
-        "num_samples": num_samples,
-        "num_batches": num_batches,
-        "loss": loss,
-        "grad_norm": grad_norm,
-        "dtype": str(H.dtype),
-        "device": str(H.device),
-    }
-    modules = dict(model.named_modules())
-    types = {name: type(modules[name]).__name__ for name in groups if name in modules}
-    return CurvatureReport(
-        name, summary, hessian_trace, ggn_trace, layer_traces, groups, top, bottom, density, timings, types
-    )
+    problem = model if isinstance(model, Problem) else Problem(model, loss_fn, data, name=name)
+    s = settings or ReportSettings()
+    report = CurvatureReport(problem.name, s)
+    for _ in compute_sections(problem, settings=s, generator=generator, progress=progress,
+                              allow_train_mode=allow_train_mode, report=report):
+        pass
+    return report

@@ -1,0 +1,78 @@
+"""Problem builders for the ``curvature`` command's tests: a tiny good one and one per mistake."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from curvature.app import Problem
+
+
+def _data(n: int = 24, d: int = 3, classes: int = 3, batches: int = 2):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return list(zip(x.chunk(batches), y.chunk(batches)))
+
+
+def _model() -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.7)
+    return model
+
+
+def build_tiny() -> Problem:
+    """45 parameters, 24 samples in 2 batches."""
+    return Problem(_model(), nn.CrossEntropyLoss(), _data(), name="tiny MLP", metric="accuracy", num_classes=3)
+
+
+def build_tuple():
+    return _model(), nn.CrossEntropyLoss(), _data()
+
+
+def build_dict():
+    return {"model": _model(), "loss_fn": nn.CrossEntropyLoss(), "data": _data(), "name": "dict form", "acc": 0.5}
+
+
+def returns_none():
+    return None
+
+
+def returns_model():
+    return _model()
+
+
+def swapped():
+    return nn.CrossEntropyLoss(), _model(), _data()
+
+
+def nan_loss():
+    (x, y), rest = _data()[0], _data()[1:]
+    return _model(), nn.CrossEntropyLoss(), [(x * float("nan"), y), *rest]
+
+
+def train_mode():
+    model = nn.Sequential(nn.Linear(3, 6), nn.Dropout(0.2), nn.Linear(6, 3)).double()
+    return model, nn.CrossEntropyLoss(), _data()
+
+
+def empty_data():
+    return _model(), nn.CrossEntropyLoss(), []
+
+
+def frozen():
+    model = _model().requires_grad_(False)
+    return model, nn.CrossEntropyLoss(), _data()
+
+
+def bare_tensor():
+    return _model(), nn.CrossEntropyLoss(), torch.randn(8, 3, dtype=torch.float64)
+
+
+def shape_mismatch():
+    g = torch.Generator().manual_seed(0)
+    return _model(), nn.CrossEntropyLoss(), (torch.randn(8, 5, generator=g, dtype=torch.float64),
+                                              torch.zeros(8, dtype=torch.long))

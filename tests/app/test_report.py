@@ -1,0 +1,118 @@
+"""The report's numbers against exact dense references, its figures, and the deprecated shims."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from curvature import GGN, Hessian  # noqa: E402
+from curvature.app import ReportSettings, curvature_report, summary_dict, validate  # noqa: E402
+from curvature.app.figures import plot_layers, plot_spectrum  # noqa: E402
+from curvature.app.report import disagreements  # noqa: E402
+from estimators import TraceEstimate  # noqa: E402
+
+from .cli_problems import build_tiny  # noqa: E402
+
+
+def _dense_layer_traces(problem):
+    H = Hessian(problem.model, problem.loss_fn, problem.data)
+    dense = H.to_dense()
+    per_layer: dict[str, float] = {}
+    for block in H.blocks:  # independent of the report: block traces of the dense matrix
+        per_layer[block.module] = per_layer.get(block.module, 0.0) + torch.diagonal(dense)[block.slice].sum().item()
+    return dense, per_layer
+
+
+@pytest.fixture(scope="module")
+def exact_report():
+    problem = build_tiny()
+    settings = ReportSettings.quick(num_matvecs=60, top_k=3, slq_probes=3, slq_steps=30, tol=1e-10,
+                                    sections=("summary", "traces", "eigenvalues", "spectrum"))
+    return problem, curvature_report(problem, settings=settings, generator=torch.Generator().manual_seed(0))
+
+
+def test_exact_path_when_the_budget_covers_d(exact_report):
+    problem, report = exact_report
+    dense, per_layer = _dense_layer_traces(problem)
+    t = report.traces
+    assert t.hessian.method == "exact" and t.hessian.stderr == 0
+    assert t.hessian.value == pytest.approx(torch.trace(dense).item(), rel=1e-10, abs=1e-12)
+    assert {layer.name: layer.trace.value for layer in t.layers} == pytest.approx(per_layer, rel=1e-10, abs=1e-12)
+    assert [(layer.name, layer.type, layer.numel) for layer in t.layers] == [("0", "Linear", 24), ("2", "Linear", 21)]
+    G = GGN(problem.model, problem.loss_fn, problem.data).to_dense()
+    assert t.ggn.value == pytest.approx(torch.trace(G).item(), rel=1e-10)
+
+
+def test_eigenvalues_and_true_residuals(exact_report):
+    problem, report = exact_report
+    dense, _ = _dense_layer_traces(problem)
+    evals = torch.linalg.eigvalsh(dense)
+    e = report.eigenvalues
+    assert torch.allclose(e.top.eigenvalues, evals.flip(0)[:3], rtol=1e-8)
+    assert e.bottom.eigenvalues[0].item() == pytest.approx(evals[0].item(), abs=1e-8)
+    # the true residual is recomputed from the vectors: check it against the dense matrix
+    V, lam = e.top.eigenvectors, e.top.eigenvalues
+    expected = (dense @ V - V * lam).norm(dim=0) / lam.abs()
+    assert torch.allclose(e.top_true_residuals, expected, rtol=1e-6, atol=1e-14)
+    assert (e.top_true_residuals < 1e-8).all()
+
+
+def test_summary_counts_and_metric(exact_report):
+    problem, report = exact_report
+    s = report.summary
+    assert (s.num_params, s.num_layers, s.num_samples, s.num_batches) == (45, 2, 24, 2)
+    correct = sum((problem.model(x).argmax(1) == y).sum().item() for x, y in problem.data)
+    assert s.metric_name == "accuracy" and s.metric == pytest.approx(correct / 24)
+    summary = summary_dict(report)
+    assert validate(summary) == [] and summary["complete"] is True
+
+
+def test_stochastic_layer_traces_against_independent_dense_blocks():
+    problem = build_tiny()
+    _, per_layer = _dense_layer_traces(problem)
+    settings = ReportSettings(num_matvecs=40, sections=("summary", "traces"))  # 40 < d = 45: Hutchinson
+    report = curvature_report(problem, settings=settings, generator=torch.Generator().manual_seed(3))
+    for layer in report.traces.layers:
+        assert layer.trace.method == "hutchinson" and layer.trace.stderr > 0
+        assert abs(layer.trace.value - per_layer[layer.name]) < 4 * layer.trace.stderr
+    total = sum(per_layer.values())
+    assert abs(report.traces.hessian.value - total) < 4 * report.traces.hessian.stderr + 1e-9
+
+
+def test_disagreement_notes():
+    a = TraceEstimate(10.0, 0.1, 100, "hutchinson", "rademacher")
+    b = TraceEstimate(10.25, 0.1, 100, "hutchinson", "rademacher")
+    c = TraceEstimate(12.0, 0.1, 90, "auto:xtrace", "sphere")
+    assert disagreements({"a": a, "b": b}) == []  # 1.8 combined s.e. apart: consistent
+    notes = disagreements({"a": a, "c": c})
+    assert len(notes) == 1 and "XTrace" in notes[0] and "14.1 combined s.e." in notes[0]
+
+
+def test_figures_have_the_expected_axes(exact_report):
+    _, report = exact_report
+    fig = plot_spectrum(report.spectrum.density, top=report.eigenvalues.top, name="tiny MLP")
+    left, right = fig.axes[:2]
+    assert right.get_xscale() == "log" and "per decade" in right.get_ylabel()
+    assert left.get_yscale() == "log" and "tiny MLP" in fig._suptitle.get_text()
+    assert len(fig.legends) == 1 and left.get_legend() is None  # one legend, below the panels
+    plt.close(fig)
+    fig = plot_layers(report.traces, name="tiny MLP")
+    assert "exact" in fig.axes[0].get_xlabel() and fig.axes[0].get_title() == "Per-layer curvature: tiny MLP"
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["0 (Linear), 24 params", "2 (Linear), 21 params"]
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("module, name", [("curvature.report", "curvature_report"), ("curvature.cli", "main"),
+                                          ("curvature.demo", "trained_cnn")])
+def test_deprecated_shims_warn_and_forward(module, name):
+    sys.modules.pop(module, None)
+    with pytest.warns(DeprecationWarning, match=module):
+        shim = importlib.import_module(module)
+    assert callable(getattr(shim, name))
