@@ -1,0 +1,187 @@
+"""Hutchinson curvature estimates ``u ⊙ (H u)`` for optimizers that only get a plain closure.
+
+Two routes to ``H u`` (no ``create_graph=True`` anywhere):
+
+* **finite differences of gradients** through the user's closure, at ``θ ± ε u`` (central, two
+  closure calls) or ``θ + ε u`` (forward, one call, reusing the step's gradient). The step is
+  ``ε = t · max(1, ‖θ‖₂) / ‖u‖₂`` with ``t = ε_mach^{1/3}`` (central) or ``ε_mach^{1/2}``
+  (forward) of the parameters' dtype, the truncation/round-off balance of each scheme. Around
+  every extra call the global (and CUDA) RNG state is replayed to what the step's own closure
+  call saw, so dropout masks are the same in every call, and left afterwards as one closure call
+  leaves it; the parameters are copied back from saved copies (bit-exact, not ``θ + ε u − ε u``),
+  the step's gradients are put back, and with ``model=`` every buffer (BatchNorm statistics) is
+  restored.
+* **an operator**: any square curvature operator over the same parameters (for example
+  ``curvature.Hessian(model, loss_fn, batch)``): exact products, ``op @ u``.
+
+Probes are Rademacher vectors from the optimizer's own generator, drawn over the concatenation of
+the parameters that have gradients (in parameter-group order), so every data-parallel rank with
+the same seed draws the same probes; with DDP the closure's gradients are already averaged over
+ranks, so the difference of two of them is the rank-averaged product.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..linear_operator import LinearOperator
+from ..probes import draw_probes
+from ._common import NonFiniteError, evaluate_closure, state_dtype
+
+__all__ = ["RNGReplay", "default_rel_step", "draw_param_probes", "fd_products", "operator_products"]
+
+FD_SCHEMES = ("central", "forward")
+
+
+def default_rel_step(dtype: torch.dtype, scheme: str) -> float:
+    """``ε_mach^{1/3}`` (central) or ``ε_mach^{1/2}`` (forward) of ``dtype``."""
+    eps = torch.finfo(dtype).eps
+    return eps ** (1 / 3) if scheme == "central" else eps**0.5
+
+
+class RNGReplay:
+    """Capture the global (CPU and CUDA) RNG state before the step's closure call, replay it before
+    each extra call and leave it, at the end, where the step's own call left it."""
+
+    def __init__(self, params: Sequence[Tensor]):
+        self.cuda_devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+        self.before = self._get()
+        self.after: tuple[Tensor, list[Tensor]] | None = None
+
+    def _get(self) -> tuple[Tensor, list[Tensor]]:
+        cuda = [torch.cuda.get_rng_state(d) for d in self.cuda_devices]
+        return torch.get_rng_state(), cuda
+
+    def _set(self, state: tuple[Tensor, list[Tensor]]) -> None:
+        torch.set_rng_state(state[0])
+        for d, s in zip(self.cuda_devices, state[1]):
+            torch.cuda.set_rng_state(s, d)
+
+    def mark_after(self) -> None:
+        self.after = self._get()
+
+    def replay(self) -> None:
+        self._set(self.before)
+
+    def finish(self) -> None:
+        if self.after is not None:
+            self._set(self.after)
+
+
+def draw_param_probes(
+    params: Sequence[Tensor], generator: torch.Generator, distribution: str = "rademacher"
+) -> list[Tensor]:
+    """One probe per parameter (state dtype), from one flat draw over all of them."""
+    total = sum(p.numel() for p in params)
+    dtype = state_dtype(params[0])
+    flat = draw_probes(total, 1, distribution, dtype=dtype, device=params[0].device, generator=generator)[:, 0]
+    out, offset = [], 0
+    for p in params:
+        out.append(flat[offset : offset + p.numel()].view_as(p).to(state_dtype(p)))
+        offset += p.numel()
+    return out
+
+
+def _grads(params: Sequence[Tensor]) -> list[Tensor]:
+    return [
+        torch.zeros(p.shape, dtype=state_dtype(p), device=p.device)
+        if p.grad is None
+        else p.grad.to(state_dtype(p), copy=True)
+        for p in params
+    ]
+
+
+@torch.no_grad()
+def fd_products(
+    params: Sequence[Tensor],
+    closure: Callable[[], Any],
+    probes: Sequence[Tensor],
+    *,
+    scheme: str = "central",
+    rel_step: float | None = None,
+    rng: RNGReplay | None = None,
+    model: nn.Module | None = None,
+    base_grads: Sequence[Tensor] | None = None,
+) -> list[Tensor]:
+    """``H u`` per parameter by finite differences of the closure's gradients (see the module doc).
+
+    ``base_grads`` (the gradients at ``θ``, state dtype) are needed for ``scheme="forward"``.
+    """
+    if scheme not in FD_SCHEMES:
+        raise ValueError(f"fd_scheme must be one of {FD_SCHEMES}, got {scheme!r}")
+    if scheme == "forward" and base_grads is None:
+        raise ValueError("forward differences need the gradients at the current parameters")
+    t = default_rel_step(params[0].dtype, scheme) if rel_step is None else float(rel_step)
+    saved_params = [p.detach().clone() for p in params]
+    saved_grads = [p.grad for p in params]
+    saved_buffers = [b.detach().clone() for b in model.buffers()] if model is not None else []
+    theta_norm = torch.sqrt(sum(p.detach().double().pow(2).sum() for p in params))
+    probe_norm = torch.sqrt(sum(u.double().pow(2).sum() for u in probes))
+    eps = float(t * torch.clamp(theta_norm, min=1.0) / probe_norm.clamp_min(1e-300))
+
+    def grads_at(sign: float) -> list[Tensor]:
+        for p, p0, u in zip(params, saved_params, probes):
+            p.copy_((p0.to(u.dtype) + (sign * eps) * u).to(p.dtype))
+        if rng is not None:
+            rng.replay()
+        try:
+            evaluate_closure(closure, what="a finite-difference curvature estimate")
+            return _grads(params)
+        finally:
+            for p, p0 in zip(params, saved_params):
+                p.copy_(p0)
+            if model is not None:
+                for b, b0 in zip(model.buffers(), saved_buffers):
+                    b.copy_(b0)
+
+    try:
+        if scheme == "central":
+            plus, minus = grads_at(1.0), grads_at(-1.0)
+            out = [(gp - gm) / (2 * eps) for gp, gm in zip(plus, minus)]
+        else:
+            plus = grads_at(1.0)
+            out = [(gp - g0) / eps for gp, g0 in zip(plus, base_grads)]  # type: ignore[arg-type]
+    finally:
+        for p, g in zip(params, saved_grads):
+            p.grad = g
+        if rng is not None:
+            rng.finish()
+    check_finite_products(out)
+    return out
+
+
+def check_finite_products(products: Sequence[Tensor]) -> None:
+    for i, hu in enumerate(products):
+        if not bool(torch.isfinite(hu).all()):
+            raise NonFiniteError(f"the curvature estimate of parameter {i} is not finite; nothing was updated")
+
+
+@torch.no_grad()
+def operator_products(op: Any, params: Sequence[Tensor], probes: Sequence[Tensor]) -> list[Tensor]:
+    """``H u`` per parameter from a curvature operator over (a superset of) ``params``.
+
+    The operator's own parameter list (``op.params``) fixes its flat order; parameters of the
+    optimizer that the operator does not cover are refused, operator parameters the optimizer does
+    not update get a zero probe.
+    """
+    if not isinstance(op, LinearOperator):
+        raise TypeError(f"hessian must be a curvature operator (e.g. curvature.Hessian(model, loss_fn, batch)), "
+                        f"got {type(op).__name__}")
+    op_params = getattr(op, "params", None)
+    if op_params is None:
+        raise TypeError("hessian must be a model operator with .params (curvature.Hessian, GGN, Fisher, ...)")
+    index = {id(q): i for i, q in enumerate(op_params)}
+    missing = [i for i, p in enumerate(params) if id(p) not in index]
+    if missing:
+        raise ValueError(f"the curvature operator does not cover optimizer parameters {missing[:5]} "
+                         "(build it with params= that include every parameter the optimizer updates)")
+    pieces = [torch.zeros(q.shape, dtype=op.dtype, device=op.device) for q in op_params]
+    for p, u in zip(params, probes):
+        pieces[index[id(p)]] = u.to(op.dtype)
+    Hu = op.unflatten(op @ op.flatten(pieces))
+    out = [Hu[index[id(p)]].to(state_dtype(p)) for p in params]
+    check_finite_products(out)
+    return out
