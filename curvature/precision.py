@@ -6,6 +6,13 @@ arithmetic in that precision: a Lanczos breakdown test at ``100 eps(bfloat16) = 
 almost every step, and orthogonality is lost after a few steps. :func:`in_working_precision`
 presents such an operator in float32: vectors are rounded to the operator's dtype on the way in
 and the products come back as float32; everything else runs in float32.
+
+The curvature operators compute in the model's dtype: a bfloat16 model gives bfloat16 products,
+measured 3e-3 to 4e-3 relative error against the float64 product of the same weights (tested
+bound 2e-2), a float16 model 4e-4 to 5e-4 (bound 2.5e-3; ``tests/curvature/test_half_precision.py``).
+With ``compute_dtype=torch.float32`` they analyse a float32 :class:`ComputeCopy` of the model
+instead (kept in sync with it before every product) and the products of the bfloat16 weights are
+float32-accurate (measured 1e-7, bound 1e-5).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from torch import Tensor
 
 from .linear_operator import LinearOperator, as_operator
 
-__all__ = ["working_dtype", "in_working_precision"]
+__all__ = ["working_dtype", "in_working_precision", "ComputeCopy"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -54,3 +61,68 @@ def in_working_precision(op: Any) -> LinearOperator:
     if A.dtype not in _HALF:
         return A
     return _Upcast(A)
+
+
+def _cast_floating(obj: Any, dtype: torch.dtype) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: _cast_floating(v, dtype) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_cast_floating(v, dtype) for v in obj)
+    return obj
+
+
+class ComputeCopy:
+    """A copy of ``model`` in ``dtype`` that follows the original (products in float32 on a
+    bfloat16 model, without the user copying it).
+
+    :meth:`sync` (called before every product) copies the original's parameters, buffers and
+    train/eval modes into the copy when they changed (a float64 checksum of every tensor, so
+    ``p.data`` edits are seen too); the copy costs one model's worth of memory in ``dtype``.
+
+    Example:
+        >>> from torch import nn
+        >>> m = nn.Linear(2, 1).to(torch.bfloat16)
+        >>> cc = ComputeCopy(m, torch.float32)
+        >>> cc.model.weight.dtype
+        torch.float32
+        >>> with torch.no_grad():
+        ...     _ = m.weight.fill_(1.0)
+        >>> cc.sync(); cc.model.weight.tolist()
+        [[1.0, 1.0]]
+    """
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
+        import copy
+
+        if not dtype.is_floating_point:
+            raise ValueError(f"compute_dtype must be a floating-point dtype, got {dtype}")
+        self.original = model
+        self.dtype = dtype
+        self.model = copy.deepcopy(model).to(dtype)
+        self._fingerprint = self._checksum()
+
+    def _tensors(self, model: torch.nn.Module) -> list[Tensor]:
+        return [*model.parameters(), *model.buffers()]
+
+    def _checksum(self) -> tuple:
+        with torch.no_grad():
+            sums = tuple(float(t.detach().double().sum()) for t in self._tensors(self.original))
+        return sums + tuple(m.training for m in self.original.modules())
+
+    def sync(self) -> None:
+        """Bring the copy up to date with the original (no-op when nothing changed)."""
+        fingerprint = self._checksum()
+        if fingerprint == self._fingerprint:
+            return
+        with torch.no_grad():
+            for dst, src in zip(self._tensors(self.model), self._tensors(self.original)):
+                dst.copy_(src.to(dst.dtype) if dst.is_floating_point() else src)
+        for dst, src in zip(self.model.modules(), self.original.modules()):
+            dst.training = src.training
+        self._fingerprint = fingerprint
+
+    def cast_inputs(self, inputs: Any) -> Any:
+        """Floating-point tensors of ``inputs`` in the compute dtype."""
+        return _cast_floating(inputs, self.dtype)
