@@ -244,7 +244,7 @@ def _class_count_normalizer(input: Tensor, target: Any, weight: Tensor | None, i
     valid = target != ignore_index
     if weight is None:
         return float(valid.sum().item())
-    return float(weight.detach()[target[valid]].sum().item())
+    return float(weight.detach().to(target.device)[target[valid]].sum().item())
 
 
 _ELEMENTWISE = {
@@ -723,7 +723,7 @@ class OutputCurvature:
         p = self._probs
         C = p.shape[-1]
         eps = self.info.label_smoothing
-        w = self.info.weight.to(p.dtype) if self.info.weight is not None else None
+        w = self.info.weight.to(device=p.device, dtype=p.dtype) if self.info.weight is not None else None
         if targets.is_floating_point():
             q = targets.movedim(1, -1).reshape(-1, C).to(p.dtype)
             if eps:
