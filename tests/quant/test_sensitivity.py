@@ -75,3 +75,24 @@ def test_layers_selection_and_errors():
         quant.sensitivity(model, LOSS, (x[:0], y[:0]), num_matvecs=4)
     with pytest.raises(ValueError, match="metric"):
         quant.sensitivity(model, LOSS, data, metric="hessian", num_matvecs=4)
+
+
+def test_per_layer_probes_match_dense_without_cross_block_variance():
+    model, data = tiny_mlp(), tiny_data()
+    H = dense_hessian(model, LOSS, data, WEIGHTS)
+    kw = dict(num_matvecs=2000)
+    per_layer = quant.sensitivity(model, LOSS, data, probes="per_layer", generator=torch.Generator().manual_seed(0),
+                                  **kw)
+    shared = quant.sensitivity(model, LOSS, data, generator=torch.Generator().manual_seed(0), **kw)
+    for name, sl in block_slices(model).items():
+        block = H[sl, sl]
+        exact = block.trace().item()
+        s = per_layer[name]
+        assert abs(s.trace - exact) < 4 * s.trace_stderr
+        assert s.num_matvecs == 2000 * 3
+        # Var(zᵀ H_ii z) = 2(‖H_ii‖_F² − Σ_k (H_ii)_kk²) for block-restricted Rademacher probes
+        var = 2 * ((block**2).sum() - (block.diagonal() ** 2).sum()).item()
+        assert s.trace_stderr == pytest.approx((var / 2000) ** 0.5, rel=0.1)
+        assert shared[name].trace_stderr >= 0.9 * s.trace_stderr  # cross-block terms only add variance
+    with pytest.raises(ValueError, match="probes"):
+        quant.sensitivity(model, LOSS, data, probes="each", num_matvecs=4)
