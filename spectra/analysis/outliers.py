@@ -36,9 +36,6 @@ __all__ = ["GapRule", "OutlierReport", "log_gap_rule", "outliers"]
 
 logger = logging.getLogger(__name__)
 
-#: Ritz values at or below this fraction of the largest are dropped: log-gaps between values
-#: near zero measure rounding, not structure.
-RELATIVE_FLOOR = 1e-3
 #: Converged values needed below the last cut, so that the bulk reference holds enough gaps.
 MIN_BULK_VALUES = 8
 #: Consistent scale 1.4826·MAD of the normal distribution.
@@ -208,11 +205,15 @@ def _compare_with_classes(count: int, num_classes: int | None) -> tuple[str | No
     return names.get(count), count / C
 
 
-def _converged_block(values: np.ndarray, ok: np.ndarray) -> int:
-    """Length of the contiguous top run of converged values above the relative floor."""
+def _converged_block(values: np.ndarray, ok: np.ndarray, floor: float) -> int:
+    """Length of the contiguous top run of converged values above ``floor·θ_1``.
+
+    A value converged to a residual ``≤ floor·θ_1`` is only known to about that much, so values
+    below it carry no log-gap information.
+    """
     if values.size == 0 or values[0] <= 0:
         return 0
-    good = ok & (values > RELATIVE_FLOOR * values[0])
+    good = ok & (values > floor * values[0])
     bad = np.nonzero(~good)[0]
     return int(bad[0]) if bad.size else int(values.size)
 
@@ -260,7 +261,8 @@ def outliers(
     """Count the outliers of a symmetric spectrum and locate its bulk edge.
 
     **The rule** (robust log-gap, :func:`log_gap_rule`): among the top ``k`` eigenvalues, keep
-    only the contiguous top block of *converged* ones that are above ``1e-3·θ_1``; score their
+    only the contiguous top block of *converged* ones that are above ``residual_tol·θ_1`` (below
+    that a value is not known well enough for its log-gap to mean anything); score their
     log-gaps against the median and MAD of the lower half; the deepest gap scoring above ``z``
     is the cut, ``k̂`` values lie above it and ``θ_{k̂+1}`` is the bulk edge. Unconverged Ritz values
     are quadrature nodes, not eigenvalues, and their gaps are no evidence (on a spiked Wishart
@@ -292,7 +294,9 @@ def outliers(
         z: score threshold (default 20, see :func:`log_gap_rule`).
         num_steps: first Lanczos run's steps (operator input); default ``max(150, 4k)``.
         max_steps: most Lanczos steps of one run when extending; default ``min(d, 8·num_steps)``.
-        residual_tol: relative residual below which a Ritz pair is converged.
+        residual_tol: relative residual below which a Ritz pair is converged, and the floor
+            (relative to ``θ_1``) below which values are dropped. Lower it (e.g. ``1e-6``) to see
+            levels far below the top, such as a bulk at ``1e-4·θ_1``.
         trace: ``tr H`` if already known (a number or a ``TraceEstimate``); otherwise computed
             by ``estimators.trace(method="auto")`` for operators (exact when ``d ≤
             trace_matvecs``) or from the density's quadrature.
@@ -343,13 +347,13 @@ def outliers(
     values, residuals, ok = values[order][:k], residuals[order][:k], ok[order][:k]
     if values.size == 0 or values[0] <= 0:
         raise ValueError("op_or_result has no positive top eigenvalue; there is nothing to count")
-    n_ok = _converged_block(values, ok)
+    n_ok = _converged_block(values, ok, residual_tol)
     rule, conclusive = _apply_rule(values, n_ok, z)
     if rule is None:
         if isinstance(op_or_result, SpectralDensity):
             raise ValueError(_too_few_steps_message(op_or_result, n_ok))
         raise ValueError(
-            f"only {n_ok} converged top eigenvalue(s) above {RELATIVE_FLOOR:g}·θ_1 are available; "
+            f"only {n_ok} converged top eigenvalue(s) above {residual_tol:g}·θ_1 are available; "
             "the gap rule needs at least 4 (request more pairs or steps)"
         )
     if not conclusive:
@@ -490,7 +494,7 @@ def _from_operator(
         residuals[:w] = resid.cpu().numpy()
         ok = np.zeros(values.size, dtype=bool)
         ok[:w] = residuals[:w] <= residual_tol * np.abs(values).max()
-        n_ok = _converged_block(values[:w], ok[:w])
+        n_ok = _converged_block(values[:w], ok[:w], residual_tol)
         rule, conclusive = _apply_rule(values[:w], n_ok, z)
         done = conclusive and (n_ok >= min(w, 4))
         if done or m >= cap:

@@ -160,3 +160,27 @@ def test_to_dict_and_plot(planted):
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+def test_three_level_hierarchy_of_class_means():
+    """Papyan's structure: class means U_c (‖U_c‖ = 3) give C outliers, cross-class means W_cc'
+    (‖W‖ = 1) C(C − 1) more, within-class noise the bulk; G = VᵀV/len(V) has levels {C, C(C−1)}."""
+    C, P = 5, 1500
+    g = torch.Generator().manual_seed(0)
+    U = torch.randn(C, P, generator=g, dtype=torch.float64)
+    U = 3 * U / U.norm(dim=1, keepdim=True)
+    W = torch.randn(C, C, P, generator=g, dtype=torch.float64)
+    W = W / W.norm(dim=2, keepdim=True)
+    rows = [
+        U[c] + W[c, c2] + 0.3 / P**0.5 * torch.randn(60, P, generator=g, dtype=torch.float64)
+        for c in range(C)
+        for c2 in range(C)
+        if c2 != c
+    ]
+    V = torch.cat(rows)
+    G = V.T @ V / V.shape[0]
+    # The bulk sits at ~1.5e-4·θ_1: resolving it needs a residual tolerance (and floor) below that.
+    coarse = analysis.outliers(G, num_classes=C, k=35, generator=g)
+    assert coarse.count == C and coarse.matches == "C"
+    fine = analysis.outliers(G, num_classes=C, k=35, residual_tol=1e-6, generator=g)
+    assert fine.count == C * (C - 1) and fine.levels == (C, C * (C - 1)) and fine.matches == "C(C-1)"
