@@ -159,6 +159,7 @@ class OutlierReport:
     ratio: float
     slq_count: float
     slq_count_stderr: float
+    negative_mass: float
     num_converged: int
     num_steps: int
     num_matvecs: int
@@ -383,6 +384,10 @@ def outliers(
     else:
         slq_n, slq_se = (0.0 if kh == 0 else float("nan")), float("nan")
     matches, ratio = _compare_with_classes(kh, num_classes)
+    negative_mass = float("nan")
+    if density is not None:
+        below = (density.nodes < -residual_tol * float(used[0])).double()
+        negative_mass = float((density.weights * below).sum(1).mean())
     return OutlierReport(
         count=kh,
         conclusive=bool(conclusive),
@@ -402,6 +407,7 @@ def outliers(
         ratio=ratio,
         slq_count=slq_n,
         slq_count_stderr=slq_se,
+        negative_mass=negative_mass,
         num_converged=n_ok,
         num_steps=steps_used,
         num_matvecs=matvecs,

@@ -59,6 +59,8 @@ def test_outlier_count_near_number_of_classes_and_carried_by_ggn(trained_digits)
         assert abs(rep.count - 10) <= 1
         assert rep.matches in ("C", "C-1")
         assert rep.cut_score > 20
+    # The Hessian has some negative mass (from R); the GGN none.
+    assert rep_h.negative_mass > 0 and rep_g.negative_mass == 0.0
     # G carries the outliers: its top values coincide with H's to 1%.
     k = rep_h.count
     torch.testing.assert_close(rep_g.eigenvalues[:k], rep_h.eigenvalues[:k], rtol=0.01, atol=0)

@@ -53,6 +53,7 @@ def test_planted_count_and_bulk_edge(planted, seed):
     share = float(exact[:3].sum() / torch.trace(A))
     assert rep.outlier_share == pytest.approx(share, rel=0.05)
     assert rep.cut_score > 50 and rep.residuals.max() <= 1e-3 * float(exact[0])
+    assert rep.negative_mass == 0.0  # a Wishart matrix plus a PSD spike has no negative mass
 
 
 @pytest.mark.parametrize("seed", range(10, 13))
