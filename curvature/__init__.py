@@ -5,6 +5,7 @@ vectors ``(d,)`` or blocks ``(d, k)`` with ``@``; see :class:`LinearOperator`.
 """
 
 from .blocks import Block, group_blocks_by_module, make_blocks
+from .distributed import DataParallelOperator, DistributedCurvatureError, unwrap_data_parallel
 from .empirical_fisher import EmpiricalFisher
 from .fisher import Fisher
 from .ggn import GGN
@@ -17,6 +18,9 @@ from .precision import in_working_precision, working_dtype
 from .sliding_mfac import SlidingMFACInverse
 
 __all__ = [
+    "DataParallelOperator",
+    "DistributedCurvatureError",
+    "unwrap_data_parallel",
     "Block",
     "ModelOperator",
     "group_blocks_by_module",
