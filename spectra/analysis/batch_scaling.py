@@ -500,7 +500,7 @@ def batch_size_scaling(
     ``D = diag(√v̂_B + ε)`` and ``v̂_B = E[g_B²]``, the expected squared mini-batch gradient at
     batch size ``B`` (what Adam's moving average estimates), computed exactly from per-sample
     gradients: ``v̂_B = ḡ² + (N−B)/(N−1) · (mean_i g_i² − ḡ²)/B`` for batches drawn without
-    replacement (mean-reduced losses). Granziol et al.: ``α_max ∝ √B`` in the noise-dominated
+    replacement (times ``B²`` for ``reduction="sum"`` losses). Granziol et al.: ``α_max ∝ √B`` in the noise-dominated
     regime. Both exponents are *measured* (log-log slopes), not assumed.
 
     Args:
@@ -588,7 +588,10 @@ def batch_size_scaling(
         all_indices.append(idx)
         scales = None
         if adam:
-            scales = (_expected_batch_second_moment(*moments, B, N).sqrt() + adam_eps).rsqrt()
+            v_hat = _expected_batch_second_moment(*moments, B, N)
+            if getattr(loss_fn, "reduction", "mean") == "sum":
+                v_hat = v_hat * B**2  # a summed batch loss has B times the mean's gradient
+            scales = (v_hat.sqrt() + adam_eps).rsqrt()
         for j, r in enumerate(idx):
             op = make(model, loss_fn, (_index(inputs, r), _index(targets, r)), **operator_options)
             lam_max[i, j], warm.top, ok, mv = _extreme(op, "LA", warm.top, tol=tol, **opts)
