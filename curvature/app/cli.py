@@ -185,6 +185,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"curvature: interrupted; the finished sections ({', '.join(report.finished) or 'none'}) are in "
               f"{out}/ ({os.path.basename(paths['summary'])}, {os.path.basename(paths['html'])})", file=sys.stderr)
         return EXIT_CODES["interrupted"]
+    main_section = {"quantize": "quantization"}.get(args.command)
+    if main_section in report.skipped:
+        write_report(report, out, command=args.command)
+        raise UnavailableError(f"the {main_section} cannot run for this problem: {report.skipped[main_section]}")
     if report.summary is not None and report.summary.ggn_unavailable and args.command == "trace":
         print(f"curvature: note: the GGN trace was skipped: {report.summary.ggn_unavailable}", file=sys.stderr)
     paths = write_report(report, out, command=args.command)

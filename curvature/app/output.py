@@ -127,7 +127,8 @@ def summary_dict(report: CurvatureReport, *, command: str = "report", files: dic
     return {
         "schema_version": SCHEMA_VERSION, "command": command, "complete": report.complete, "sections": report.finished,
         "problem": problem, "traces": traces, "eigenvalues": eigen, "spectrum": spectrum, "analyses": analyses,
-        "quantization": quantization, "timings_s": _clean(report.timings), "files": dict(files or {}),
+        "quantization": quantization, "skipped": dict(report.skipped), "timings_s": _clean(report.timings),
+        "files": dict(files or {}),
     }
 
 
@@ -224,6 +225,8 @@ def _tables(report: CurvatureReport) -> list[tuple[str, list[str], list[list[str
                  f"{q.plan.size_bytes:,.0f} B, Ω = {q.plan.omega:.4g} (uniform 4-bit: Ω = {q.uniform[4].omega:.4g})."
                  if 4 in q.uniform else f"Chosen plan: {q.plan.size_bytes:,.0f} B, Ω = {q.plan.omega:.4g}."]
         out.append(("HAWQ-V2 bit plan", ["layer", "bits", "sensitivity Tr(H)/n"], rows, notes))
+    if report.skipped:
+        out.append(("Skipped", ["section", "why"], [[k, v] for k, v in report.skipped.items()], []))
     return out
 
 

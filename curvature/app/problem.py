@@ -383,6 +383,7 @@ def check_problem(
             f"the model fails on the first batch (inputs {_shape(inputs)}): {type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}"
         ) from exc
+    outputs = model_output(outputs)
     try:
         with torch.no_grad():
             loss = problem.loss_fn(outputs, targets)
@@ -397,11 +398,25 @@ def check_problem(
         raise NonFiniteLossError(f"the loss is {loss.item()} on the first batch; check the data and the model")
     ggn_unavailable = None
     if not isinstance(outputs, Tensor):
-        logits = getattr(outputs, "logits", None)
-        if not isinstance(logits, Tensor):
-            ggn_unavailable = f"the model returns {type(outputs).__name__}, not a tensor (GGN needs one output tensor)"
+        ggn_unavailable = (f"the model returns {type(outputs).__name__}, not a tensor or an output with .logits "
+                           "(the GGN needs one output tensor)")
     num_batches = 1 if _batches(problem.data)[0] is problem.data else sum(1 for _ in problem.data)
     return CheckedProblem(sum(p.numel() for p in trainable), num_batches, ggn_unavailable)
+
+
+def model_output(out: Any) -> Any:
+    """What the loss receives, as the operators pick it: the tensor, else its ``.logits`` or ``["logits"]``.
+
+    Example:
+        >>> model_output({"logits": torch.zeros(2, 3)}).shape
+        torch.Size([2, 3])
+    """
+    if isinstance(out, Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, Mapping):
+        logits = out.get("logits")
+    return logits if isinstance(logits, Tensor) else out
 
 
 def _move(x: Any, device: torch.device) -> Any:

@@ -28,7 +28,7 @@ from curvature import GGN, Hessian
 from estimators import TraceEstimate
 from spectra import EigenResult, SpectralDensity, SpectralSumEstimate, analysis
 
-from .problem import Problem, check_problem
+from .problem import Problem, check_problem, model_output
 
 __all__ = [
     "AnalysisSection",
@@ -47,6 +47,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: Sections that are skipped (with the reason) rather than failing the report when they cannot run.
+OPTIONAL_SECTIONS = ("analyses", "quantization")
+OPTIONAL_SECTION_ERRORS = (ValueError, TypeError, KeyError, RuntimeError, NotImplementedError)
+
 #: The error-bar width of every table and figure, in standard errors.
 ERROR_BAR_SE = 2.0
 
@@ -63,7 +67,8 @@ class ReportSettings:
         tol: eigensolver tolerance (relative residual).
         outlier_window: top eigenvalues the outlier analysis examines.
         decompose_k: extreme eigenvalues per term of ``H = G + R``; ``decompose_max_iter`` caps
-            the products of each of its eigensolves.
+            the products of each of its eigensolves and ``decompose_trace_matvecs`` those of each
+            of its three traces.
         quant_matvecs: Hutchinson products of the HAWQ sensitivities.
         bit_choices: bit-widths the bit plan chooses from.
         graph_cache_bytes: memory the operators may keep for cached graphs.
@@ -77,8 +82,9 @@ class ReportSettings:
     slq_steps: int = 80
     tol: float = 1e-5
     outlier_window: int = 30
-    decompose_k: int = 3
-    decompose_max_iter: int = 300
+    decompose_k: int = 2
+    decompose_max_iter: int = 80
+    decompose_trace_matvecs: int = 30
     quant_matvecs: int = 48
     bit_choices: tuple[int, ...] = (2, 4, 8)
     graph_cache_bytes: int = 1 << 30
@@ -88,7 +94,7 @@ class ReportSettings:
     def quick(cls, **changes: Any) -> ReportSettings:
         """Small budgets: every section runs, in a few seconds on the built-in problem."""
         base = dict(num_matvecs=30, top_k=3, slq_probes=2, slq_steps=30, tol=1e-3, outlier_window=20,
-                    decompose_k=2, decompose_max_iter=60, quant_matvecs=12)
+                    decompose_k=2, decompose_max_iter=40, decompose_trace_matvecs=12, quant_matvecs=12)
         base.update(changes)
         return cls(**base)
 
@@ -189,7 +195,11 @@ SECTION_NAMES = {SummarySection: "summary", TraceSection: "traces", EigenSection
 
 @dataclass
 class CurvatureReport:
-    """The sections computed so far, their timings and the settings (complete once all are in)."""
+    """The sections computed so far, their timings and the settings (complete once all are in).
+
+    ``skipped`` names the optional sections (analyses, quantization) that could not run for this
+    problem, with the reason; the report is still complete without them.
+    """
 
     name: str
     settings: ReportSettings
@@ -200,6 +210,7 @@ class CurvatureReport:
     analyses: AnalysisSection | None = None
     quantization: QuantSection | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def add(self, section: Section, seconds: float) -> None:
         """Store a finished section and its time."""
@@ -214,8 +225,8 @@ class CurvatureReport:
 
     @property
     def complete(self) -> bool:
-        """Whether every requested section is in."""
-        return len(self.finished) == len(self.settings.sections)
+        """Whether every requested section is in (or was skipped with a reason)."""
+        return len(self.finished) + len(self.skipped) == len(self.settings.sections)
 
 
 # ----------------------------------------------------------------------------- progress
@@ -298,7 +309,7 @@ def _metric_value(problem: Problem, H: Hessian) -> float | None:
         for _, inputs, targets, n in H.batches():
             outputs = H.model(**inputs) if isinstance(inputs, dict) else (
                 H.model(*inputs) if isinstance(inputs, (tuple, list)) else H.model(inputs))
-            outputs = getattr(outputs, "logits", outputs)
+            outputs = model_output(outputs)
             if problem.metric == "accuracy":
                 value = (outputs.argmax(-1) == targets).float().mean()
             else:
@@ -385,12 +396,13 @@ def _analyses(problem: Problem, H: Hessian, s: ReportSettings, gen: torch.Genera
     skipped: dict[str, str] = {}
     trace = report.traces.hessian if report.traces is not None else None
     k = min(s.outlier_window, H.shape[0])
-    out = analysis.outliers(H, num_classes=problem.num_classes, k=k, trace=trace, generator=gen,
-                            num_steps=min(max(4 * k, 60), H.shape[0]))
+    steps = min(max(3 * k, 60), H.shape[0])
+    out = analysis.outliers(H, num_classes=problem.num_classes, k=k, trace=trace, generator=gen, num_steps=steps,
+                            max_steps=steps)
     dec = None
     if ggn_unavailable is None:
         dec = analysis.decompose(problem.model, problem.loss_fn, problem.data, k=s.decompose_k, tol=max(s.tol, 1e-4),
-                                 max_iter=s.decompose_max_iter, trace_matvecs=s.num_matvecs, generator=gen,
+                                 max_iter=s.decompose_max_iter, trace_matvecs=s.decompose_trace_matvecs, generator=gen,
                                  allow_train_mode=H.allow_train_mode)
     else:
         skipped["decomposition"] = ggn_unavailable
@@ -453,7 +465,17 @@ def compute_sections(
                 continue
             start = time.perf_counter()
             with _phase(label, progress):
-                section = run()
+                try:
+                    section = run()
+                except OPTIONAL_SECTION_ERRORS as exc:
+                    if name not in OPTIONAL_SECTIONS:
+                        raise
+                    # the toolkit's higher layers may not support every model (e.g. tied weights in a
+                    # bit plan); the core numbers stand without them, so say why and go on
+                    report.skipped[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    logger.warning("%s skipped: %s", name, report.skipped[name])
+                    yield name, time.perf_counter() - start
+                    continue
             seconds = time.perf_counter() - start
             report.add(section, seconds)
             yield name, seconds

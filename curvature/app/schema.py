@@ -4,7 +4,8 @@
 JSON object; numbers that are not finite are written as ``null``; every estimate is an object
 ``{"value", "stderr", "num_matvecs", "method"}`` with ``stderr`` one standard error (``0`` when
 exact, ``null`` when it cannot be estimated). Sections that were not computed (another subcommand,
-or an interrupted run: ``"complete": false``) are ``null``. Later versions only add keys.
+or an interrupted run: ``"complete": false``) are ``null``; optional sections that could not run for
+the problem are ``null`` and named in ``"skipped"`` with the reason. Later versions only add keys.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
 SUMMARY_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["schema_version", "command", "complete", "sections", "problem", "traces", "eigenvalues",
-                 "spectrum", "analyses", "quantization", "timings_s", "files"],
+                 "spectrum", "analyses", "quantization", "skipped", "timings_s", "files"],
     "properties": {
         "schema_version": {"type": "integer"},
         "command": {"type": "string"},
@@ -81,6 +82,7 @@ SUMMARY_SCHEMA: dict[str, Any] = {
                            "budget_bytes": {"type": "number"}, "uniform": {"type": "object"},
                            "layers": {"type": "array", "items": {"type": "object"}}},
         }),
+        "skipped": {"type": "object"},
         "timings_s": {"type": "object"},
         "files": {"type": "object"},
     },

@@ -76,3 +76,41 @@ def shape_mismatch():
     g = torch.Generator().manual_seed(0)
     return _model(), nn.CrossEntropyLoss(), (torch.randn(8, 5, generator=g, dtype=torch.float64),
                                               torch.zeros(8, dtype=torch.long))
+
+
+def import_transformers():
+    """``transformers`` (ImportError without it). A torchvision wheel built for another torch breaks
+    transformers' lazy imports; GPT-2 needs no vision, so such a torchvision is hidden first."""
+    import importlib
+    import sys
+
+    try:
+        importlib.import_module("torchvision")
+    except ImportError:
+        pass
+    except Exception:  # noqa: BLE001 - the broken-wheel case raises RuntimeError at import
+        sys.modules["torchvision"] = None
+    transformers = importlib.import_module("transformers")
+    from transformers import GPT2Config, GPT2LMHeadModel  # noqa: F401
+    return transformers
+
+
+def tiny_gpt2(seed: int = 0) -> Problem:
+    """A 2-layer GPT-2 from a Hugging Face config (no download): dict inputs, padded labels, ``.logits``."""
+    transformers = import_transformers()
+    from curvature.losses import TokenCrossEntropyLoss
+
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=8, vocab_size=11, n_positions=8,
+                                  attn_implementation="eager", bos_token_id=0, eos_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.GPT2LMHeadModel(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 11, (6, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 3:] = 0
+    mask[4, 2:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    data = [({"input_ids": ids[i:i + 3], "attention_mask": mask[i:i + 3]}, labels[i:i + 3]) for i in (0, 3)]
+    return Problem(model, TokenCrossEntropyLoss(shift=True), data, name="tiny GPT-2")
