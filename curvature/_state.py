@@ -183,6 +183,8 @@ def mode_dependent_modules(model: nn.Module) -> list[tuple[str, str]]:
         >>> mode_dependent_modules(m.eval())
         []
     """
+    if not any(m.training for m in model.modules()):  # the common case, without building names
+        return []
     found = []
     for name, module in model.named_modules():
         if not module.training:

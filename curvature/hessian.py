@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -14,6 +15,7 @@ from ._memory import default_memory_budget, is_out_of_memory
 from .backend_choice import BackendChoice, ChoiceKey, model_signature, select_by_medians
 from .functional import model_as_function
 from .model_operator import ModelOperator, _measure_saved_bytes
+from .outputs import select_output
 
 __all__ = ["Hessian", "HESSIAN_BACKENDS"]
 
@@ -118,6 +120,8 @@ class Hessian(ModelOperator):
         self._used: dict[int, BackendChoice] = {}  # the choice each k ran with (survives registry.clear())
         self._rechecks: dict[int, int] = {}
         self._graph_bytes = 0  # the most bytes a batch's first-order graph saved (memory estimates)
+        # Forward-over-reverse: None until checked against the double backward on a first product.
+        self._forward_ok: bool | None = None
 
     # -- the backend choice -----------------------------------------------------------------------
     def backend_key(self, k: int) -> ChoiceKey:
@@ -254,6 +258,18 @@ class Hessian(ModelOperator):
         self._graph_bytes = max(size, entry.nbytes if entry is not None else 0)
         return grads
 
+    def _estimate_graph_bytes(self, index: int, inputs: Any, targets: Any) -> None:
+        """Measure the bytes a first-order graph saves without keeping it (forward-over-reverse
+        needs no such graph, only the memory estimate)."""
+        own = {t.untyped_storage().data_ptr() for t in (*self.model.parameters(), *self.model.buffers())}
+
+        def build() -> None:
+            with torch.enable_grad():
+                loss = self.loss(inputs, targets, index)
+                torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+
+        self._graph_bytes = _measure_saved_bytes(build, own)[1]
+
     # -- products -------------------------------------------------------------------------------
     def _batch_product(self, index: int, inputs: Any, targets: Any, V: list[Tensor]) -> list[Tensor]:
         k = V[0].shape[0]
@@ -268,7 +284,12 @@ class Hessian(ModelOperator):
         backend, k = choice.backend, V[0].shape[0]
         if backend == _LOOP:
             return self._product_with(backend, index, inputs, targets, V)
-        grads = None if backend == "forward_over_reverse" else self._measured_gradient_graph(index, inputs, targets)
+        if backend == "forward_over_reverse":
+            grads = None
+            if not self._graph_bytes and choice.columns is None and self.probe_batch_size is None:
+                self._estimate_graph_bytes(index, inputs, targets)
+        else:
+            grads = self._measured_gradient_graph(index, inputs, targets)
         columns = choice.columns or self._vmap_columns(backend, index, k)
         try:
             return self._product_with(backend, index, inputs, targets, V, grads, columns)
@@ -325,7 +346,11 @@ class Hessian(ModelOperator):
         grads: list[Tensor] | None = None, columns: int | None = None,
     ) -> list[Tensor]:
         if backend == "forward_over_reverse":
-            return self._forward_over_reverse(index, inputs, targets, V, columns)
+            if self._forward_ok is not False:
+                res = self._checked_forward_over_reverse(index, inputs, targets, V, columns)
+                if res is not None:
+                    return res
+            backend, grads = _LOOP, None
         if grads is None:
             grads = self.gradient_graph(index, inputs, targets)
         # Gradients that do not depend on the parameters (unused or linear ones) contribute nothing.
@@ -341,13 +366,13 @@ class Hessian(ModelOperator):
         """``d(grad . v)/d params`` per column: one backward per column through the shared graph."""
         k = V[0].shape[0]
         with torch.enable_grad():
+            # No materialize_grads: it costs a pass over every gradient; the rare unused ones get zeros here.
             cols = [
-                torch.autograd.grad(
-                    outputs, self.params, [V[i][c] for i in live],
-                    retain_graph=True, allow_unused=True, materialize_grads=True,
-                )
+                torch.autograd.grad(outputs, self.params, [V[i][c] for i in live], retain_graph=True, allow_unused=True)
                 for c in range(k)
             ]
+        if any(r is None for r in cols[0]):
+            cols = [[torch.zeros_like(p) if r is None else r for r, p in zip(rs, self.params)] for rs in cols]
         if k == 1:
             return [r.unsqueeze(0) for r in cols[0]]
         return [torch.stack(rs) for rs in zip(*cols)]
@@ -357,6 +382,8 @@ class Hessian(ModelOperator):
     ) -> list[Tensor]:
         k = V[0].shape[0]
         step = columns or self.probe_batch_size or k
+        if step == 1:  # one column per pass is the loop, without vmap's overhead
+            return self._looped_second_backward(outputs, live, V)
         chunks = []
         with torch.enable_grad():
             for start in range(0, k, step):
@@ -375,6 +402,45 @@ class Hessian(ModelOperator):
             return chunks[0]
         return [torch.cat(rs) for rs in zip(*chunks)]
 
+    def _checked_forward_over_reverse(
+        self, index: int, inputs: Any, targets: Any, V: list[Tensor], columns: int | None
+    ) -> list[Tensor] | None:
+        """Forward-over-reverse where it is the Hessian the user's ``loss.backward()`` sees; ``None``
+        (explicit ``backend="forward_over_reverse"``: use the double backward) where it is not.
+
+        Two PyTorch gaps: ops without forward-AD formulas (``huber_loss``'s backward, ``mse_loss``'s
+        zero tangents) raise, and forward-mode AD differentiates through ``torch.no_grad()``
+        regions that reverse mode treats as constants. The first is caught (info log), the second
+        detected on the first product by comparing one column with the double backward (warning).
+        Under ``"auto"`` both raise, so the measurement leaves the strategy out.
+        """
+        explicit = self.backend == "forward_over_reverse"
+        try:
+            res = self._forward_over_reverse(index, inputs, targets, V, columns)
+        except (RuntimeError, NotImplementedError) as exc:
+            if not explicit:
+                raise
+            logger.info("Hessian: forward-over-reverse unavailable for this model/loss (%s); using "
+                        "reverse-over-reverse (the double backward)", exc)
+            self._forward_ok = False
+            return None
+        if self._forward_ok is None:
+            ref = self._product_with(_LOOP, index, inputs, targets, [v[:1] for v in V])
+            num = sum(float((r[0] - q[0]).double().norm()) ** 2 for r, q in zip(res, ref)) ** 0.5
+            den = sum(float(q[0].double().norm()) ** 2 for q in ref) ** 0.5
+            self._forward_ok = num <= 100 * torch.finfo(self.dtype).eps ** 0.5 * den
+            if not self._forward_ok:
+                message = (
+                    f"Hessian: forward-over-reverse disagrees with the double backward (relative difference "
+                    f"{num / max(den, 1e-300):.2g}), typically because the model computes part of itself under "
+                    "torch.no_grad(), which forward-mode AD differentiates through"
+                )
+                if not explicit:
+                    raise RuntimeError(message)
+                warnings.warn(message + "; using the double backward, the Hessian of loss.backward()", stacklevel=5)
+                return None
+        return res
+
     def _forward_over_reverse(
         self, index: int, inputs: Any, targets: Any, V: list[Tensor], columns: int | None = None
     ) -> list[Tensor]:
@@ -382,7 +448,8 @@ class Hessian(ModelOperator):
         primals = tuple(p.detach() for p in self.params)
 
         def loss_of(*params: Tensor) -> Tensor:
-            return self._check_loss(self.loss_fn(f(*params), targets), index)
+            outputs = select_output(f(*params), self.outputs_fn, who="Hessian")
+            return self._check_loss(self.loss_fn(outputs, targets), index)
 
         grad_fn = torch.func.grad(loss_of, argnums=tuple(range(len(primals))))
 
