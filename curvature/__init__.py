@@ -5,6 +5,7 @@ vectors ``(d,)`` or blocks ``(d, k)`` with ``@``; see :class:`LinearOperator`.
 """
 
 from .blocks import Block, group_blocks_by_module, make_blocks
+from .data import Batch, BatchSource, batch_weight
 from .distributed import DataParallelOperator, DistributedCurvatureError, unwrap_data_parallel
 from .empirical_fisher import EmpiricalFisher
 from .fisher import Fisher
@@ -22,6 +23,9 @@ __all__ = [
     "DistributedCurvatureError",
     "unwrap_data_parallel",
     "Block",
+    "Batch",
+    "BatchSource",
+    "batch_weight",
     "ModelOperator",
     "group_blocks_by_module",
     "make_blocks",
