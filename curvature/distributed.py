@@ -304,6 +304,13 @@ class DataParallelOperator(LinearOperator):
 
     # -- products -------------------------------------------------------------------------------
     @property
+    def params(self) -> list[Tensor]:
+        """The local model operator's parameters (the same on every rank), in the flat order."""
+        if not self._model_op:
+            raise AttributeError("params: the wrapped operator is not a model operator")
+        return self.local.params
+
+    @property
     def bytes_per_column(self) -> int:
         """Bytes all-reduced per product column (``d`` numbers of the reduction dtype)."""
         return self.shape[0] * torch.empty((), dtype=self._reduce_dtype).element_size()

@@ -42,6 +42,10 @@ def exact(rank: int, world_size: int, save: Callable[[dict], None]) -> dict[str,
     out["ddp_unwrapped"] = H_unwrapped @ V
     out["ddp_names"] = [b.name for b in H_ddp.blocks]
     out["counts"] = (H_unwrapped.num_samples, H_unwrapped.num_batches)
+    try:  # in the same launch (starting processes is the expensive part), reported separately
+        out["optimizers"] = optimizers(rank, world_size, save)
+    except Exception as exc:  # noqa: BLE001 -- the optimizer test shows it
+        out["optimizers"] = f"{type(exc).__name__}: {exc}"
     return out
 
 
@@ -109,3 +113,64 @@ def failures(rank: int, world_size: int, save: Callable[[dict], None]) -> dict[s
     out["peer_died_seconds"] = time.monotonic() - start
     save(out)
     os._exit(0)  # the group cannot be destroyed cleanly without its peer
+
+
+def _global_mean_gradients(model: nn.Module, loss_fn: Any, data: Any, total: int) -> None:
+    """``p.grad`` = gradient of the mean loss over ALL ranks' samples (uneven shards: weighted sum)."""
+    import torch.distributed as dist
+
+    model.zero_grad()
+    x, y = data
+    (loss_fn(model(x), y) * (len(y) / total)).backward()
+    grads = [p.grad for p in model.parameters()]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def optimizers(rank: int, world_size: int, save: Callable[[dict], None]) -> dict[str, Any]:
+    """Sophia-H and AdaHessian under DDP (equal shards, gradients averaged by DDP, closure finite
+    differences) and with ``hessian=`` a data-parallel operator (uneven shards, exact products)."""
+    from curvature import DataParallelOperator, Hessian
+    from curvature.optim import AdaHessian, Sophia
+    from tests.distributed.problems import equal_shard, full_data
+
+    ce = nn.CrossEntropyLoss()
+    out: dict[str, Any] = {}
+    for name, make in [("sophia", lambda ps: Sophia(ps, lr=0.05, rho=0.5, update_period=1, weight_decay=0.0,
+                                                     generator=torch.Generator().manual_seed(7))),
+                       ("adahessian", lambda ps: AdaHessian(ps, lr=0.05, generator=torch.Generator().manual_seed(7)))]:
+        # DDP path: equal shards, so DDP's average of the ranks' mean gradients is the global mean.
+        model = make_model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        x, y = equal_shard(rank, world_size)
+        opt = make(ddp.parameters())
+
+        def closure(opt=opt, ddp=ddp, x=x, y=y):
+            opt.zero_grad()
+            loss = ce(ddp(x), y)
+            loss.backward()
+            return loss
+
+        for _ in range(3):
+            opt.step(closure)
+        out[f"{name}_ddp"] = [p.detach().clone() for p in model.parameters()]
+        out[f"{name}_ddp_state"] = [{k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}
+                                    for p in model.parameters()]
+
+        # Operator path: uneven shards, exact global-mean gradients and Hessian products.
+        model = make_model()
+        data = shard(rank, world_size)
+        if isinstance(data, list):
+            data = (torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data]))
+        opt = make(model.parameters())
+        total = len(full_data()[1])
+        for _ in range(3):
+            _global_mean_gradients(model, ce, data, total)
+            with DataParallelOperator(Hessian(model, ce, data)) as H:
+                opt.step(hessian=H)
+        out[f"{name}_operator"] = [p.detach().clone() for p in model.parameters()]
+    return out
