@@ -148,8 +148,11 @@ def plot_pareto(section: QuantSection, *, name: str) -> Figure:
     """HAWQ-V2's Pareto frontier (size vs Ω) with the chosen and the uniform plans."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     highlight = {f"uniform {b}-bit": p for b, p in section.uniform.items()}
-    highlight["chosen (≤ 4-bit size)"] = section.plan
     quant.plot_pareto(list(section.frontier), ax=ax, highlight=highlight)
+    # a ring, so a chosen plan that equals a uniform one does not hide it
+    ax.scatter([section.plan.size_bytes / 1024], [section.plan.omega], s=180, facecolors="none",
+               edgecolors="black", linewidths=1.6, zorder=5, label="chosen (≤ 4-bit size)")
+    ax.legend(loc="upper right", fontsize=8)
     ax.set_title(f"Mixed-precision bit plans: {name}")
     fig.tight_layout()
     return fig

@@ -140,8 +140,8 @@ def _pm(e: Estimate) -> str:
     return f"{float(e.value):.6g} ± {ERROR_BAR_SE * float(e.stderr):.2g}"
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n:,} {word}" + ("" if n == 1 else "s")
+def _plural(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n:,} {word if n == 1 else plural or word + 's'}"
 
 
 def _tables(report: CurvatureReport) -> list[tuple[str, list[str], list[list[str]], list[str]]]:
@@ -151,7 +151,7 @@ def _tables(report: CurvatureReport) -> list[tuple[str, list[str], list[list[str
                          report.quantization)
     if s is not None:
         rows = [["parameters", f"{s.num_params:,} in {_plural(s.num_layers, 'layer')}"],
-                ["samples", f"{s.num_samples:,} in {_plural(s.num_batches, 'batch')}".replace("batchs", "batches")],
+                ["samples", f"{s.num_samples:,} in {_plural(s.num_batches, 'batch', 'batches')}"],
                 ["loss", f"{s.loss:.6g}"], ["gradient norm", f"{s.grad_norm:.4g}"]]
         if s.metric is not None:
             rows.append([f"{s.metric_name} (analysed samples)", f"{s.metric:.4f}"])
