@@ -566,6 +566,7 @@ class LossNormaliser:
             info, self.loss_fn, outputs, self._moved(targets), inputs=inputs, strict=self.strict
         )
         self._verified = True
+        self._memo[(_shapes(inputs), _fingerprint(self._moved(targets)))] = norm.value
         if norm.reduction != info.reduction:
             self.info = dataclasses.replace(info, reduction=norm.reduction)
         return self.info

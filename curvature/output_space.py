@@ -59,7 +59,10 @@ class OutputSpaceOperator(ModelOperator):
     ``backend``: ``"vmap"`` (all columns of a block in one batched backward), ``"loop"`` (one
     backward per column) or ``"auto"`` (default): single columns use ``"loop"``; on the first
     block of several columns both are timed on its first 8 columns and the faster is kept for
-    the operator (:meth:`resolved_backend` tells which).
+    the operator (:meth:`resolved_backend` tells which). Both compute the same products up to
+    rounding, and every product of an operator (the first included) uses its one choice;
+    ``deterministic=True`` skips the timing and always uses ``"loop"``, so runs are bitwise
+    reproducible.
     """
 
     def __init__(
@@ -69,13 +72,15 @@ class OutputSpaceOperator(ModelOperator):
         data: Any,
         *,
         backend: str = "auto",
+        deterministic: bool = False,
         **options: Any,
     ):
         if backend not in JACOBIAN_BACKENDS:
             raise ValueError(f"backend must be one of {JACOBIAN_BACKENDS}, got {backend!r}")
         super().__init__(model, loss_fn, data, **options)
         self.backend = backend
-        self._auto_choice: str | None = None
+        self.deterministic = bool(deterministic)
+        self._auto_choice: str | None = "loop" if (self.deterministic and backend == "auto") else None
 
     def resolved_backend(self, k: int) -> str | None:
         """The backend used for a block of ``k`` columns (``None``: ``"auto"`` has not chosen yet)."""

@@ -479,3 +479,17 @@ def test_output_space_auto_backend_is_a_measured_choice():
     first = G @ V
     assert G.resolved_backend(4) in ("loop", "vmap")
     assert torch.equal(G @ V, first)
+    assert GGN(model, nn.MSELoss(), batches, deterministic=True).resolved_backend(4) == "loop"
+
+
+def test_generic_normaliser_is_remembered_per_batch():
+    """A lambda's normaliser costs one extra no-grad forward per distinct batch, not per product."""
+    model, batches = mlp(), regression_batches()
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    G = GGN(model, lambda o, t: F.mse_loss(o, t), batches, cache_graph=False)
+    v = torch.ones(G.shape[0], dtype=DT)
+    G @ v
+    first = len(calls)
+    G @ v
+    assert len(calls) - first == len(batches)  # the products' own forwards only
