@@ -116,3 +116,14 @@ def test_deprecated_shims_warn_and_forward(module, name):
     with pytest.warns(DeprecationWarning, match=module):
         shim = importlib.import_module(module)
     assert callable(getattr(shim, name))
+
+
+def test_deprecated_report_keeps_its_old_options():
+    sys.modules.pop("curvature.report", None)
+    with pytest.warns(DeprecationWarning):
+        from curvature.report import curvature_report as old_report
+    problem = build_tiny()
+    with pytest.warns(DeprecationWarning, match="curvature.app.curvature_report"):
+        report = old_report(problem.model, problem.loss_fn, problem.data, num_matvecs=60, top_k=2, slq_probes=2,
+                            slq_steps=10, generator=torch.Generator().manual_seed(0))
+    assert report.complete and report.eigenvalues.top.k == 2 and report.traces.hessian.method == "exact"
