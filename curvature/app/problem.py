@@ -294,7 +294,6 @@ class CheckedProblem:
     """What :func:`check_problem` learnt: sizes, and which parts of the analysis can run."""
 
     num_params: int
-    num_batches: int
     ggn_unavailable: str | None
 
 
@@ -346,8 +345,9 @@ def check_problem(
 ) -> CheckedProblem:
     """Check everything about ``problem`` that would make the analysis fail later, in one pass.
 
-    Calls the model and the loss on the first batch (no gradients), so shape mismatches, NaN losses
-    and non-tensor outputs surface before any curvature is computed.
+    Calls the model and the loss on the first batch only (no gradients; later batches are not
+    read), so shape mismatches, NaN losses and non-tensor outputs surface before any curvature is
+    computed.
 
     Example:
         >>> p = Problem(nn.Linear(4, 3).eval(), nn.CrossEntropyLoss(), torch.zeros(8, 4))
@@ -400,8 +400,7 @@ def check_problem(
     if not isinstance(outputs, Tensor):
         ggn_unavailable = (f"the model returns {type(outputs).__name__}, not a tensor or an output with .logits "
                            "(the GGN needs one output tensor)")
-    num_batches = 1 if _batches(problem.data)[0] is problem.data else sum(1 for _ in problem.data)
-    return CheckedProblem(sum(p.numel() for p in trainable), num_batches, ggn_unavailable)
+    return CheckedProblem(sum(p.numel() for p in trainable), ggn_unavailable)
 
 
 def model_output(out: Any) -> Any:

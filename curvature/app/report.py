@@ -321,15 +321,17 @@ def _metric_value(problem: Problem, H: Hessian) -> float | None:
 
 def _summary(problem: Problem, H: Hessian, ggn_unavailable: str | None) -> SummarySection:
     total_loss, grad, weight = 0.0, None, 0.0
-    for index, inputs, targets, n in H.batches():
+    # Batches weighted exactly as the operators weight them: by the loss's own normaliser
+    # (valid tokens under ignore_index, summed class weights), not by the sample count.
+    for batch in H.batch_source:
         with torch.enable_grad():
-            loss = H.loss(inputs, targets, index)
+            loss = H.loss(batch.inputs, batch.targets, batch.index)
             g = torch.autograd.grad(loss, H.params, allow_unused=True, materialize_grads=True)
-        w = n if H.loss_info.reduction == "mean" else 1.0
+        w = batch.weight
         flat = torch.cat([t.reshape(-1) for t in g]) * w
         grad = flat if grad is None else grad + flat
         total_loss += loss.item() * w
-        weight += n
+        weight += w
     scale = weight if H.loss_info.reduction == "mean" else 1.0
     modules = {b.module for b in H.blocks}
     return SummarySection(
