@@ -49,6 +49,7 @@ from .precision import working_dtype
 
 __all__ = [
     "DataParallelOperator",
+    "assert_same_across_ranks",
     "DistributedCurvatureError",
     "fingerprint",
     "unwrap_data_parallel",
@@ -111,7 +112,7 @@ def fingerprint(pieces: Sequence[Tensor]) -> tuple[float, float, float]:
         >>> all(math.isclose(x, y) for x, y in zip(a, b)), a[1], fingerprint([-torch.ones(3, 2)])[0] == -a[0]
         (True, 6.0, True)
     """
-    weighted = squares = u_squares = 0.0
+    totals = None  # (uᵀXw, ‖X‖², ‖u‖²) as float64 on the data's device: one sync at the end
     offset = 0
     w = None
     for piece in pieces:
@@ -127,12 +128,66 @@ def fingerprint(pieces: Sequence[Tensor]) -> tuple[float, float, float]:
             i = torch.arange(offset + start + 1, offset + start + 1 + chunk.shape[0], dtype=torch.float64,
                              device=X.device)
             u = 2.0 * torch.frac(i * _GOLDEN) - 1.0
-            weighted += float(u @ chunk @ w)
-            squares += float((chunk * chunk).sum())
-            u_squares += float(u @ u)
+            parts = torch.stack([u @ chunk @ w, (chunk * chunk).sum(), u @ u])
+            totals = parts if totals is None else totals + parts
         offset += n
-    w_norm = float(w.norm()) if w is not None else 0.0
-    return weighted, squares, math.sqrt(u_squares * squares) * w_norm
+    if totals is None or w is None:
+        return 0.0, 0.0, 0.0
+    weighted, squares, u_squares = totals.tolist()
+    return weighted, squares, math.sqrt(u_squares * squares) * float(w.norm())
+
+
+def _collective_device(process_group: Any, device: torch.device) -> torch.device:
+    """Where small control tensors go: this rank's GPU for NCCL, the CPU for gloo."""
+    backend = str(dist.get_backend(process_group))
+    if device.type == "cuda" and "nccl" in backend:
+        return device
+    if "nccl" in backend and "gloo" not in backend:
+        raise ValueError(
+            f"the process group's backend is {backend!r}, which reduces CUDA tensors only, but the data is on "
+            f"{device}; move the model to this rank's GPU (torch.cuda.set_device(local_rank)) or use gloo"
+        )
+    return torch.device("cpu")
+
+
+def _fingerprint_slots(fp: tuple[float, float, float]) -> list[float]:
+    """Slots of a MAX all-reduce from which every rank reads the same spread of fingerprints."""
+    return [fp[0], -fp[0], fp[1], -fp[1], fp[2]]
+
+
+def _fingerprints_spread(slots: Sequence[float]) -> bool:
+    """Whether the MAX-reduced :func:`_fingerprint_slots` show ranks that disagree."""
+    hi1, lo1, hi2, lo2, scale = slots
+    return hi1 + lo1 > _FINGERPRINT_RTOL * max(scale, 1e-300) or hi2 + lo2 > _FINGERPRINT_RTOL * max(hi2, 1e-300)
+
+
+def assert_same_across_ranks(tensors: Sequence[Tensor], *, name: str = "tensors", process_group: Any = None) -> None:
+    """Raise ``ValueError`` on EVERY rank unless ``tensors`` hold the same values on all ranks.
+
+    One fingerprint (:func:`fingerprint`) and one 5-number all-reduce: cheap enough to run every
+    few hundred steps on state that data-parallel training must keep identical, such as an
+    M-FAC optimizer's gradient window (``opt.state[...]["mfac_window"]``), Sophia/AdaHessian's
+    curvature EMAs or the parameters themselves. Collective: call it on every rank.
+
+    Example:
+        >>> import os, tempfile, torch.distributed as dist
+        >>> dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "pg"),
+        ...                         rank=0, world_size=1)
+        >>> assert_same_across_ranks([torch.ones(3)], name="window")
+        >>> dist.destroy_process_group()
+    """
+    tensors = [t for t in tensors]
+    if not tensors:
+        raise ValueError(f"{name}: no tensors given")
+    device = _collective_device(process_group, tensors[0].device)
+    fp = fingerprint([t.reshape(-1) for t in tensors])
+    slots = torch.tensor(_fingerprint_slots(fp), dtype=torch.float64, device=device)
+    dist.all_reduce(slots, op=dist.ReduceOp.MAX, group=process_group)
+    if _fingerprints_spread(slots.tolist()):
+        raise ValueError(
+            f"{name} differ across ranks (rank {dist.get_rank(process_group)} sees the spread too); every rank "
+            "must apply the same updates: same gradients (DDP), same probe generator seed, no rank skipping a step"
+        )
 
 
 def _check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
@@ -214,16 +269,7 @@ class DataParallelOperator(LinearOperator):
         self.world_size = dist.get_world_size(process_group)
         super().__init__(self.local.shape[0], self.local.dtype, self.local.device, self.local.blocks)
         self.is_symmetric = getattr(self.local, "is_symmetric", True)
-        backend = str(dist.get_backend(process_group))
-        if self.local.device.type == "cuda" and "nccl" in backend:
-            self._control_device = self.local.device
-        elif "nccl" in backend and "gloo" not in backend:
-            raise ValueError(
-                f"the process group's backend is {backend!r}, which reduces CUDA tensors only, but the operator "
-                f"is on {self.local.device}; move the model to this rank's GPU or use the gloo backend"
-            )
-        else:
-            self._control_device = torch.device("cpu")
+        self._control_device = _collective_device(process_group, self.local.device)
         self._model_op = isinstance(self.local, ModelOperator)
         if self._model_op:
             if weight is not None or reduction is not None:
@@ -326,7 +372,7 @@ class DataParallelOperator(LinearOperator):
         checking = self.check_probes == "always" or (self.check_probes == "first" and self._num_products == 0)
         if checking:
             fp = fingerprint([V])
-            control[2 * n : 2 * n + 5] = torch.tensor([fp[0], -fp[0], fp[1], -fp[1], fp[2]], dtype=torch.float64)
+            control[2 * n : 2 * n + 5] = torch.tensor(_fingerprint_slots(fp), dtype=torch.float64)
         error: BaseException | None = None
         local: Tensor | None = None
         try:
@@ -343,9 +389,7 @@ class DataParallelOperator(LinearOperator):
         if failed:
             self._raise_failure(failed, error)
         if checking:
-            hi1, lo1, hi2, lo2, scale = control[2 * n : 2 * n + 5].tolist()
-            lo1, lo2 = -lo1, -lo2
-            if hi1 - lo1 > _FINGERPRINT_RTOL * max(scale, 1e-300) or hi2 - lo2 > _FINGERPRINT_RTOL * max(hi2, 1e-300):
+            if _fingerprints_spread(control[2 * n : 2 * n + 5].tolist()):
                 raise ValueError(
                     "the vectors V differ across ranks (their fingerprints disagree); every rank must multiply "
                     "the same vectors: give the estimator/eigensolver a generator with the same seed on every "

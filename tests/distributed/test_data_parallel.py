@@ -178,7 +178,12 @@ def test_sophia_and_adahessian_agree_across_ranks_and_with_one_process(ranks):
                 for a, b in zip(tensors, first[key]):
                     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), key
             else:
-                assert all(torch.equal(a, b) for a, b in zip(tensors, first[key])), key
+                if key != "mfac":
+                    assert all(torch.equal(a, b) for a, b in zip(tensors, first[key])), key
+    for result in ranks:  # M-FAC windows: identical, and a perturbation is refused on every rank
+        assert torch.equal(result["optimizers"]["mfac"]["window"][1:], first["mfac"]["window"][1:])
+        assert result["optimizers"]["mfac"]["perturbed"]["type"] == "ValueError"
+        assert "the M-FAC window differ across ranks" in result["optimizers"]["mfac"]["perturbed"]["message"]
     for key, expected in reference.items():
         # The closure path differences gradients at θ ± εu: the rounding of DDP's averaged gradients
         # (another summation order than one process) is divided by ε, so it agrees to ~1e-6 only.

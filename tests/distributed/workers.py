@@ -173,4 +173,29 @@ def optimizers(rank: int, world_size: int, save: Callable[[dict], None]) -> dict
             with DataParallelOperator(Hessian(model, ce, data)) as H:
                 opt.step(hessian=H)
         out[f"{name}_operator"] = [p.detach().clone() for p in model.parameters()]
+    out["mfac"] = _mfac_under_ddp(rank, world_size)
     return out
+
+
+def _mfac_under_ddp(rank: int, world_size: int) -> dict[str, Any]:
+    """M-FAC under DDP: every rank pushes the same averaged gradient, so the windows agree (checked
+    with ``assert_same_across_ranks``); a window perturbed on one rank is caught on every rank."""
+    from curvature.distributed import assert_same_across_ranks
+    from curvature.optim import MFAC
+    from tests.distributed.problems import equal_shard
+
+    model = make_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = MFAC(ddp.parameters(), lr=0.05, num_grads=4, damping=1e-3)
+    x, y = equal_shard(rank, world_size)
+    for _ in range(5):
+        opt.zero_grad()
+        nn.CrossEntropyLoss()(ddp(x), y).backward()
+        opt.step()
+    state = next(s for s in opt.state.values() if "mfac_window" in s)
+    assert_same_across_ranks([state["mfac_window"], state["mfac_gram"]], name="the M-FAC window")
+    if rank == world_size - 1:
+        state["mfac_window"][0, 0] += 1e-6
+    outcome = _outcome(lambda: assert_same_across_ranks([state["mfac_window"]], name="the M-FAC window"))
+    return {"window": state["mfac_window"].clone(), "params": [p.detach().clone() for p in model.parameters()],
+            "perturbed": outcome}
