@@ -81,12 +81,12 @@ def test_spatial_average_rules_and_conv1d():
         loss.backward()
         return loss
 
-    first = float(closure())
+    first = float(closure().detach())
     for _ in range(20):
         opt.step(closure)
     v = opt.state[model[0].weight]["exp_hessian_diag_sq"]
     assert torch.equal(v, v[..., :1].expand_as(v))  # constant over the kernel positions
-    assert float(closure()) < first
+    assert float(closure().detach()) < first
 
 
 def test_errors_are_clear_and_nothing_is_updated():
