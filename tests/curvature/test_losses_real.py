@@ -493,3 +493,30 @@ def test_generic_normaliser_is_remembered_per_batch():
     first = len(calls)
     G @ v
     assert len(calls) - first == len(batches)  # the products' own forwards only
+
+
+def test_weighted_bce_closed_form_and_weighted_nll_with_padding():
+    model = mlp(d_out=3)
+    gen = torch.Generator().manual_seed(11)
+    batches = [(torch.randn(n, 3, generator=gen, dtype=DT), (torch.rand(n, 3, generator=gen) < 0.4).to(DT))
+               for n in (3, 5)]
+    x, y = concat(batches)
+    bce = nn.BCEWithLogitsLoss(weight=torch.tensor([0.5, 1.0, 2.0], dtype=DT),
+                               pos_weight=torch.tensor([3.0, 1.0, 0.2], dtype=DT))
+    G = GGN(model, bce, batches)
+    assert G.loss_info.kind == "bce_with_logits"
+    assert rel_err(G.to_dense(), dense_ggn(model, bce, x, y)) <= TOL
+    with pytest.raises(ValueError, match="likelihood"):
+        Fisher(model, bce, batches)
+    # A class-weighted NLL with ignored targets, as a lambda: its normaliser is the summed
+    # weights of the valid targets, which differ between the batches.
+    w = torch.tensor([0.3, 1.0, 2.5], dtype=DT)
+
+    def nll(o, t):
+        return F.nll_loss(F.log_softmax(o, -1), t, weight=w, ignore_index=-1)
+
+    labels = [torch.tensor([0, -1, 2]), torch.tensor([1, 2, -1, -1, 0])]
+    batches = [(xb, t) for (xb, _), t in zip(batches, labels)]
+    x, y = concat(batches)
+    for Op, ref in ((GGN, dense_ggn), (Hessian, dense_hessian)):
+        assert rel_err(Op(model, nll, batches).to_dense(), ref(model, nll, x, y)) <= TOL
