@@ -143,3 +143,19 @@ def test_ctrl_c_keeps_the_finished_sections(tmp_path):
     assert summary["complete"] is False and "summary" in summary["sections"]
     assert validate(summary, SUMMARY_SCHEMA) == []
     assert (out / "report.html").is_file()
+
+
+def test_console_script_entry_point_resolves(capsys):
+    import configparser
+    import importlib
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    lines = cfg["options.entry_points"]["console_scripts"].strip().splitlines()
+    scripts = {name.strip(): value.strip() for name, value in (line.split("=", 1) for line in lines)}
+    target = scripts["curvature"]
+    assert target == "curvature.app.cli:main"
+    module, func = target.split(":")
+    with pytest.raises(SystemExit) as info:
+        getattr(importlib.import_module(module), func)(["--version"])
+    assert info.value.code == 0 and curvature.__version__ in capsys.readouterr().out
