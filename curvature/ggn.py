@@ -13,10 +13,14 @@ __all__ = ["GGN"]
 class GGN(OutputSpaceOperator):
     """Generalized Gauss-Newton matrix ``sum_b w_b J_b^T (d^2 L_b / dF^2) J_b`` of the loss over ``data``.
 
-    Works for any loss that is twice differentiable in the model outputs; cross-entropy, MSE and
-    BCE-with-logits use their closed-form output Hessians, other losses autodiff's. Positive
-    semi-definite for convex losses. Same constructor as :class:`curvature.Hessian` (with
-    ``backend="auto" | "vmap" | "loop"`` for the Jacobian products).
+    Works for any loss that is twice differentiable in the model outputs; cross-entropy (class
+    weights, ``ignore_index``, label smoothing), :class:`~curvature.losses.TokenCrossEntropyLoss`,
+    MSE and BCE-with-logits use their closed-form output Hessians, other losses (``HuberLoss``,
+    ``KLDivLoss``, lambdas, subclasses with their own ``forward``) reverse-over-reverse autodiff
+    on the output space. Positive semi-definite for convex losses. Same constructor as
+    :class:`curvature.Hessian` (``outputs=``, ``compute_dtype=``, ...; ``backend="auto" | "vmap" |
+    "loop"`` for the reverse-mode Jacobian products, see
+    :class:`~curvature.output_space.OutputSpaceOperator`).
 
     Example:
         >>> import torch

@@ -63,6 +63,10 @@ class OutputSpaceOperator(ModelOperator):
     rounding, and every product of an operator (the first included) uses its one choice;
     ``deterministic=True`` skips the timing and always uses ``"loop"``, so runs are bitwise
     reproducible.
+
+    Memory: a cached batch holds its forward graph and the graph of ``J^T w`` (about the
+    create-graph backward the Hessian keeps); ``"vmap"`` adds one output-sized tangent and one
+    set of parameter-sized cotangents per column of a block (bound it with ``probe_batch_size``).
     """
 
     def __init__(
