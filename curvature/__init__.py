@@ -6,7 +6,12 @@ vectors ``(d,)`` or blocks ``(d, k)`` with ``@``; see :class:`LinearOperator`.
 
 from .blocks import Block, group_blocks_by_module, make_blocks
 from .data import Batch, BatchSource, batch_weight
-from .distributed import DataParallelOperator, DistributedCurvatureError, unwrap_data_parallel
+from .distributed import (
+    DataParallelOperator,
+    DistributedCurvatureError,
+    assert_same_across_ranks,
+    unwrap_data_parallel,
+)
 from .empirical_fisher import EmpiricalFisher
 from .fisher import Fisher
 from .ggn import GGN
@@ -21,6 +26,7 @@ from .sliding_mfac import SlidingMFACInverse
 __all__ = [
     "DataParallelOperator",
     "DistributedCurvatureError",
+    "assert_same_across_ranks",
     "unwrap_data_parallel",
     "Block",
     "Batch",
