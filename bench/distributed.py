@@ -15,6 +15,9 @@ and the Lanczos memory / ghost-eigenvalue trade-off of the basis.
    steps, each run in a fresh subprocess that reports its peak RSS above the operator's: the
    basis memory; and the ghosts: Ritz values beyond the bulk minus the 5 true outliers (copies of
    converged outliers that the plain recurrence produces once orthogonality is lost).
+3. ``memory``: peak RSS against model size (MLP 256-w-w-10, w = 128/512/1024, 512 samples): one
+   ``H @ v`` (graphs cached) and a 30-step SLQ probe with ``"none"`` and ``"full"``
+   reorthogonalization, one fresh process per job (CPU RSS; GPU peaks need a GPU).
 
 The machine is shared (2 cores, several other jobs): scaling ratios are noisy and a 2-process
 speed-up cannot exceed the free cores. Run: ``python -m bench.distributed [--repeats 7]``; JSON
@@ -168,23 +171,75 @@ def run_lanczos() -> list[dict[str, Any]]:
     return rows
 
 
+# -- peak memory against model size ----------------------------------------------------------------
+WIDTHS = (128, 512, 1024)
+
+
+def memory_job(width: int, job: str) -> dict[str, Any]:
+    """Peak RSS above the model and data of one job on an MLP 256-w-w-10 over 512 samples (one process)."""
+    import spectra
+    from curvature import Hessian
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
+                          nn.Linear(width, 10)).eval()
+    x, y = torch.randn(512, 256, generator=g), torch.randint(0, 10, (512,), generator=g)
+    d = sum(p.numel() for p in model.parameters())
+    data = [(x[i : i + 128], y[i : i + 128]) for i in range(0, 512, 128)]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    H = Hessian(model, nn.CrossEntropyLoss(), data)
+    if job == "hvp":
+        H @ torch.randn(d, 1, generator=g)
+    elif job.startswith("slq"):
+        spectra.slq(H, num_probes=1, num_steps=30, generator=g, reorthogonalize=job.split("_")[1])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"width": width, "d": d, "job": job, "peak_extra_bytes": max(0, peak - before),
+            "params_bytes": 4 * d, "cached_graph_bytes": H.cached_graph_bytes}
+
+
+def run_memory() -> list[dict[str, Any]]:
+    import json
+
+    rows = []
+    for width in WIDTHS:
+        for job in ("hvp", "slq_none", "slq_full"):
+            code = ("import json; from bench.distributed import memory_job; "
+                    f"print(json.dumps(memory_job({width}, {job!r})))")
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row["peak_over_params"] = row["peak_extra_bytes"] / row["params_bytes"]
+            rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed products per launch and column count")
     parser.add_argument("--rounds", type=int, default=2, help="alternating launches of 1 and 2 processes")
     parser.add_argument("--skip-lanczos", action="store_true")
+    parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--out", default="bench/results/distributed.json")
     args = parser.parse_args(argv)
-    scaling = run_scaling(args.repeats, args.rounds)
-    print("H @ V over gloo processes (CPU, 1 thread each; medians; shared machine)")
-    print_table(scaling, ["processes", "k", "d", "samples_per_rank", "product_s", "local_product_s", "overhead_s",
-                          "speedup_vs_1", "allreduce_bytes", "ring_bytes_sent_per_rank", "control_bytes", "n"])
+    scaling = [] if args.skip_scaling else run_scaling(args.repeats, args.rounds)
+    if scaling:
+        print("H @ V over gloo processes (CPU, 1 thread each; medians; shared machine)")
+        print_table(scaling, ["processes", "k", "d", "samples_per_rank", "product_s", "local_product_s",
+                              "overhead_s", "speedup_vs_1", "allreduce_bytes", "ring_bytes_sent_per_rank",
+                              "control_bytes", "n"])
     lanczos = [] if args.skip_lanczos else run_lanczos()
     if lanczos:
         print("\nLanczos on a diagonal operator, d=20000, 5 outliers (one process per run)")
         print_table(lanczos, ["reorthogonalize", "steps", "peak_extra_bytes", "basis_bytes_on_paper",
                               "ritz_beyond_bulk", "ghosts", "seconds"])
-    write_json(args.out, {"environment": environment(), "scaling": scaling, "lanczos": lanczos,
+    memory = [] if args.skip_memory else run_memory()
+    if memory:
+        print("\nPeak RSS above model and data (MLP 256-w-w-10, 512 samples in 4 batches, one process per job)")
+        print_table(memory, ["width", "d", "job", "peak_extra_bytes", "params_bytes", "peak_over_params",
+                             "cached_graph_bytes"])
+    write_json(args.out, {"environment": environment(), "scaling": scaling, "lanczos": lanczos, "memory": memory,
                           "note": "shared 2-core machine; other jobs running"})
 
 
