@@ -3,7 +3,9 @@
 Job: the bench CNN (~25k parameters) on ONE batch of 512 images, ``estimators.trace`` with 20
 Rademacher probes (PyHessian: ``hessian(...).trace(maxIter=20, tol=0)``, which also keeps the
 single batch's graph). Every job runs in a fresh subprocess, which reports its own peak resident
-set size (``ru_maxrss``) and its wall time, so one job's allocations cannot hide another's. The
+set size (``ru_maxrss``) and its wall time, so one job's allocations cannot hide another's; the
+jobs run ``--repeats`` times round-robin and medians are reported (the allocator adds ~50 MiB of
+run-to-run noise). The
 ``baseline`` job only builds the model and data and runs one gradient (the floor every job pays).
 
 Run: ``python -m bench.memory [--jobs ...] [--batch 512] [--probes 20]``; JSON goes to
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -71,23 +74,37 @@ def main(argv=None):
     parser.add_argument("--jobs", default=",".join(JOBS))
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--probes", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per job (medians are reported)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default="bench/results/memory.json")
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(run_job(args.child, args.batch, args.probes)))
         return
-    rows = []
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    for job in args.jobs.split(","):
-        cmd = [sys.executable, "-m", "bench.memory", "--child", job, "--batch", str(args.batch),
-               "--probes", str(args.probes)]
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-        if done.returncode != 0:
-            rows.append({"job": job, "error": done.stderr.strip().splitlines()[-1:]})
-        else:
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(rows[-1], flush=True)
+    jobs = args.jobs.split(",")
+    runs: dict[str, list[dict]] = {job: [] for job in jobs}
+    errors: dict[str, list[str]] = {}
+    for rep in range(args.repeats):  # round-robin over the jobs: the allocator's noise is spread evenly
+        for job in jobs[rep % len(jobs):] + jobs[: rep % len(jobs)]:
+            cmd = [sys.executable, "-m", "bench.memory", "--child", job, "--batch", str(args.batch),
+                   "--probes", str(args.probes)]
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+            if done.returncode != 0:
+                errors[job] = done.stderr.strip().splitlines()[-1:]
+            else:
+                runs[job].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                print(runs[job][-1], flush=True)
+    rows = []
+    for job in jobs:
+        if not runs[job]:
+            rows.append({"job": job, "error": errors.get(job)})
+            continue
+        row = dict(runs[job][-1])
+        row["peak_rss_gib"] = statistics.median(r["peak_rss_gib"] for r in runs[job])
+        row["peak_rss_gib_runs"] = [round(r["peak_rss_gib"], 3) for r in runs[job]]
+        row["seconds"] = statistics.median(r["seconds"] for r in runs[job])
+        rows.append(row)
     ref = next((r["peak_rss_gib"] for r in rows if r["job"] == "pyhessian" and "peak_rss_gib" in r), None)
     if ref:
         for r in rows:
@@ -95,7 +112,7 @@ def main(argv=None):
                 r["over_pyhessian"] = r["peak_rss_gib"] / ref
     from bench.timing import environment, print_table, write_json
 
-    print_table(rows, ["job", "peak_rss_gib", "over_pyhessian", "seconds", "trace", "backend", "choice"])
+    print_table(rows, ["job", "peak_rss_gib", "over_pyhessian", "peak_rss_gib_runs", "seconds", "backend", "choice"])
     write_json(args.out, {"environment": environment(), "batch": args.batch, "probes": args.probes, "rows": rows})
 
 
