@@ -218,7 +218,11 @@ class Hessian(ModelOperator):
         timed = {s: samples[s] for s in candidates}
         backend = select_by_medians(timed)
         medians = {s: sorted(t)[len(t) // 2] for s, t in samples.items() if t}
-        columns = None if backend == _LOOP else self._vmap_columns(backend, index, k)
+        columns = None
+        if backend != _LOOP:
+            columns = self._vmap_columns(backend, index, k)
+            if self.probe_batch_size is None and self.device.type == "cuda" and per_column.get(backend, 0) > 0:
+                columns = max(1, min(k, budget // per_column[backend]))  # the measured memory per column
         choice = BackendChoice(
             backend, "measured", seconds_per_column=medians, bytes_per_column=per_column, columns=columns,
             reason=f"medians of {AUTOTUNE_ROUNDS} interleaved rounds on {cols} columns",
