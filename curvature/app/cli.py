@@ -191,6 +191,8 @@ def _run(args: argparse.Namespace) -> int:
         raise UnavailableError(f"the {main_section} cannot run for this problem: {report.skipped[main_section]}")
     if report.summary is not None and report.summary.ggn_unavailable and args.command == "trace":
         print(f"curvature: note: the GGN trace was skipped: {report.summary.ggn_unavailable}", file=sys.stderr)
+    if progress:
+        print("[curvature] drawing the figures and writing report.html...", file=sys.stderr, flush=True)
     paths = write_report(report, out, command=args.command)
     if args.json:
         files = {k: os.path.basename(v) for k, v in paths.items()}
