@@ -11,14 +11,20 @@ from torch import Tensor, nn
 from ..checks import check_choice, check_real
 from ._common import (
     CurvatureOptimizer,
-    NonFiniteError,
     check_betas,
     check_nonnegative,
     check_period,
     evaluate_closure,
     state_dtype,
 )
-from ._hessian_diagonal import FD_SCHEMES, RNGReplay, draw_param_probes, fd_products, operator_products
+from ._hessian_diagonal import (
+    FD_SCHEMES,
+    RNGReplay,
+    check_finite_grads,
+    draw_param_probes,
+    fd_products,
+    operator_products,
+)
 
 __all__ = ["AdaHessian", "adahessian_update", "spatial_average"]
 
@@ -75,15 +81,19 @@ def adahessian_update(
         0.900005
     """
     dtype = exp_avg.dtype
-    theta = param.to(dtype)
+    theta = param if param.dtype == dtype else param.to(dtype)  # in place for full precision
     exp_avg.mul_(beta1).add_(grad.to(dtype), alpha=1 - beta1)
     bc1 = 1 - beta1**step
     bc2 = 1 - beta2 ** max(num_refreshes, 1)
-    denom = (exp_hessian_sq / bc2).sqrt_().pow_(hessian_power).add_(eps)
-    update = exp_avg / bc1 / denom
+    denom = torch.div(exp_hessian_sq, bc2).sqrt_()
+    if hessian_power != 1.0:
+        denom.pow_(hessian_power)
+    denom.add_(eps)
     if weight_decay:
-        update = update.add(theta, alpha=weight_decay)
-    param.copy_(theta.add(update, alpha=-lr).to(param.dtype))
+        theta.mul_(1 - lr * weight_decay)
+    theta.addcdiv_(exp_avg, denom, value=-lr / bc1)
+    if theta is not param:
+        param.copy_(theta)
 
 
 class AdaHessian(CurvatureOptimizer):
@@ -192,14 +202,13 @@ class AdaHessian(CurvatureOptimizer):
         if due and closure is None and hessian is None:
             evaluate_closure(None, what=f"AdaHessian refresh step {t}")
         if closure is not None:
-            rng = RNGReplay([p for g in self.param_groups for p in g["params"]])
+            rng = RNGReplay([p for g in self.param_groups for p in g["params"]]) if due and hessian is None else None
             loss = evaluate_closure(closure, what=f"AdaHessian step {t}")
-            rng.mark_after()
+            if rng is not None:
+                rng.mark_after()
         items = list(self._params_with_grad())
         params = [p for _, p in items]
-        for i, p in enumerate(params):
-            if not bool(torch.isfinite(p.grad).all()):
-                raise NonFiniteError(f"the gradient of parameter {i} is not finite at step {t}; nothing was updated")
+        check_finite_grads(params, t)
         curv: dict[Tensor, Tensor] = {}
         if due and params:
             probes = draw_param_probes(params, self._generator)

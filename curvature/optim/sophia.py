@@ -20,7 +20,14 @@ from ._common import (
     evaluate_closure,
     state_dtype,
 )
-from ._hessian_diagonal import FD_SCHEMES, RNGReplay, draw_param_probes, fd_products, operator_products
+from ._hessian_diagonal import (
+    FD_SCHEMES,
+    RNGReplay,
+    check_finite_grads,
+    draw_param_probes,
+    fd_products,
+    operator_products,
+)
 
 __all__ = ["Sophia", "SophiaStepInfo", "sophia_update"]
 
@@ -80,14 +87,18 @@ def sophia_update(
         ([0.95, 3.9], 1)
     """
     dtype = exp_avg.dtype
-    theta = param.to(dtype)
+    theta = param if param.dtype == dtype else param.to(dtype)  # in place for full precision
     if weight_decay:
-        theta = theta.mul(1 - lr * weight_decay)
+        theta.mul_(1 - lr * weight_decay)
     exp_avg.mul_(beta1).add_(grad.to(dtype), alpha=1 - beta1)
-    ratio = exp_avg / (rho * hessian).clamp_min(eps)
-    unclipped = int((ratio.abs() < 1).sum())
-    theta = theta.add(ratio.clamp(-1.0, 1.0), alpha=-lr)
-    param.copy_(theta.to(param.dtype))
+    # One scratch buffer, in-place ops: the update is memory-bound.
+    ratio = torch.mul(hessian, rho).clamp_min_(eps)
+    torch.div(exp_avg, ratio, out=ratio).clamp_(-1.0, 1.0)
+    unclipped = ratio.numel() - int(torch.count_nonzero(ratio.abs_() == 1))
+    # abs_ destroyed the signs: take them again from m (sign(ratio) = sign(m)).
+    theta.addcmul_(ratio, exp_avg.sign(), value=-lr)
+    if theta is not param:
+        param.copy_(theta)
     return unclipped
 
 
@@ -269,14 +280,15 @@ class Sophia(CurvatureOptimizer):
             if closure is None and hessian is None:
                 evaluate_closure(None, what=f"Sophia-H refresh step {t}")
             if closure is not None:
-                rng = RNGReplay([p for g in self.param_groups for p in g["params"]])
+                # The RNG is replayed only for the finite-difference calls of refresh steps.
+                refresh_fd = due and self.estimator == "hutchinson" and hessian is None
+                rng = RNGReplay([p for g in self.param_groups for p in g["params"]]) if refresh_fd else None
                 loss = evaluate_closure(closure, what=f"Sophia step {t}")
-                rng.mark_after()
+                if rng is not None:
+                    rng.mark_after()
         items = list(self._params_with_grad())
         params = [p for _, p in items]
-        for i, p in enumerate(params):
-            if not bool(torch.isfinite(p.grad).all()):
-                raise NonFiniteError(f"the gradient of parameter {i} is not finite at step {t}; nothing was updated")
+        check_finite_grads(params, t)
         estimates: dict[Tensor, Tensor] = {}
         if due and params:
             if self.estimator == "hutchinson":
