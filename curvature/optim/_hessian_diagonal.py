@@ -126,13 +126,18 @@ def fd_products(
     saved_params = [p.detach().clone() for p in params]
     saved_grads = [p.grad for p in params]
     saved_buffers = [b.detach().clone() for b in model.buffers()] if model is not None else []
-    theta_norm = torch.sqrt(sum(p.detach().double().pow(2).sum() for p in params))
-    probe_norm = torch.sqrt(sum(u.double().pow(2).sum() for u in probes))
+    theta_norm = torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(p.detach(), dtype=torch.float64) for p in params]))
+    probe_norm = torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(u, dtype=torch.float64) for u in probes]))
     eps = float(t * torch.clamp(theta_norm, min=1.0) / probe_norm.clamp_min(1e-300))
 
     def grads_at(sign: float) -> list[Tensor]:
         for p, p0, u in zip(params, saved_params, probes):
-            p.copy_((p0.to(u.dtype) + (sign * eps) * u).to(p.dtype))
+            if p.dtype == u.dtype:
+                torch.add(p0, u, alpha=sign * eps, out=p)
+            else:
+                p.copy_(torch.add(p0.to(u.dtype), u, alpha=sign * eps))
         if rng is not None:
             rng.replay()
         try:
@@ -148,10 +153,10 @@ def fd_products(
     try:
         if scheme == "central":
             plus, minus = grads_at(1.0), grads_at(-1.0)
-            out = [(gp - gm) / (2 * eps) for gp, gm in zip(plus, minus)]
+            out = [gp.sub_(gm).div_(2 * eps) for gp, gm in zip(plus, minus)]
         else:
             plus = grads_at(1.0)
-            out = [(gp - g0) / eps for gp, g0 in zip(plus, base_grads)]  # type: ignore[arg-type]
+            out = [gp.sub_(g0).div_(eps) for gp, g0 in zip(plus, base_grads)]  # type: ignore[arg-type]
     finally:
         for p, g in zip(params, saved_grads):
             p.grad = g
