@@ -18,11 +18,23 @@ from .blocks import make_blocks
 from .compat import exact_weight_norm, unwrap_compiled
 from .data import Batch, BatchSource, batch_tensors, call_model
 from .linear_operator import LinearOperator
-from .losses import LossInfo, LossNormaliser, describe_loss
+from .losses import LossInfo, LossNormaliser, check_outputs, describe_loss
 from .outputs import OutputSelector, select_output
 from .params import ParamSpec, select_parameters
+from .precision import ComputeCopy
 
 __all__ = ["ModelOperator", "DEFAULT_GRAPH_CACHE_BYTES"]
+
+
+def _names_of(model: nn.Module, params: ParamSpec) -> ParamSpec:
+    """Parameter tensors of ``model`` -> their names (to select them in a copy of the model)."""
+    if params is None or callable(params) or isinstance(params, str):
+        return params
+    items = list(params)
+    if items and all(isinstance(p, Tensor) for p in items):
+        names = {id(p): n for n, p in model.named_parameters()}
+        return [names.get(id(p), p) for p in items]
+    return items
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +90,10 @@ class ModelOperator(LinearOperator):
       class weights, elements of an element-wise mean, a lambda's recorded reductions).
     * ``outputs``: ``outputs(model_output) -> tensor``, the tensor the loss takes; default the
       output itself or its ``.logits`` (Hugging Face models, dicts).
+    * ``compute_dtype``: e.g. ``torch.float32`` for a bfloat16 model: products are computed on a
+      copy of the model in that dtype (kept in sync before every product; one model's memory),
+      with floating-point inputs cast to it; vectors are then in that dtype. Default: the
+      model's dtype (see :mod:`curvature.precision` for the precision of half products).
     * ``probe_batch_size``: at most this many columns per batched pass (bounds memory).
     * ``cache_graph``: keep the autograd graphs of the data between products, so repeated
       products (Lanczos, Hutchinson probes) skip the forward (and, for the Hessian, the
@@ -116,12 +132,18 @@ class ModelOperator(LinearOperator):
         check_finite: bool = True,
         progress: bool = False,
         outputs: OutputSelector = None,
+        compute_dtype: torch.dtype | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if outputs is not None and not callable(outputs):
             raise TypeError(f"outputs must be a callable model_output -> tensor, got {type(outputs).__name__}")
         model = unwrap_compiled(model)
+        # compute_dtype: analyse a copy in that dtype, kept in sync with the model before each product.
+        self._compute_copy = ComputeCopy(model, compute_dtype) if compute_dtype is not None else None
+        if self._compute_copy is not None:
+            params = _names_of(model, params)
+            model = self._compute_copy.model
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if probe_batch_size is not None and (isinstance(probe_batch_size, bool) or int(probe_batch_size) < 1):
@@ -206,11 +228,15 @@ class ModelOperator(LinearOperator):
 
     def forward(self, inputs: Any) -> Any:
         """The model's outputs on ``inputs`` (the tensor the loss takes, see ``outputs=``)."""
+        if self._compute_copy is not None:
+            inputs = self._compute_copy.cast_inputs(inputs)
         return select_output(call_model(self.model, inputs), self.outputs_fn, who=type(self).__name__)
 
     def loss(self, inputs: Any, targets: Any, index: int = 0) -> Tensor:
         """The batch loss (checked to be a finite scalar)."""
-        return self._check_loss(self.loss_fn(self.forward(inputs), targets), index)
+        outputs = self.forward(inputs)
+        check_outputs(self.loss_info, outputs, targets)
+        return self._check_loss(self.loss_fn(outputs, targets), index)
 
     # -- graph cache ----------------------------------------------------------------------------
     def release(self) -> None:
@@ -332,7 +358,10 @@ class ModelOperator(LinearOperator):
             yield slice(start, min(start + step, k))
 
     def _matmat(self, V: Tensor) -> Tensor:
+        if self._compute_copy is not None:
+            self._compute_copy.sync()
         self._check_mode()
+        self._loss_normaliser.check_declaration()
         k = V.shape[1]
         V_list = self._split(V)
         mean = self.loss_info.reduction == "mean"

@@ -14,8 +14,9 @@ ParamSpec = Union[None, Sequence[str], Sequence[Tensor], Callable[[str, Tensor],
 def select_parameters(model: nn.Module, params: ParamSpec = None) -> tuple[list[str], list[Tensor]]:
     """Resolve a parameter selection to ``(names, tensors)`` in the model's parameter order.
 
-    ``params`` may be ``None`` (all parameters that require grad), a sequence of names, a
-    sequence of the model's parameter tensors, or a predicate ``(name, tensor) -> bool``.
+    ``params`` may be ``None`` (all parameters that require grad), a sequence of names (a tied
+    parameter may be named by any of its names; it is listed under its first), a sequence of
+    the model's parameter tensors, or a predicate ``(name, tensor) -> bool``.
 
     Example:
         >>> m = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
@@ -32,7 +33,7 @@ def select_parameters(model: nn.Module, params: ParamSpec = None) -> tuple[list[
     elif callable(params):
         chosen = [(n, p) for n, p in named if params(n, p)]
     else:
-        chosen = _from_sequence(named, list(params))
+        chosen = _from_sequence(named, [_canonical_name(model, i) for i in params])
     if not chosen:
         raise ValueError("params= selects no parameters")
     for name, p in chosen:
@@ -47,6 +48,19 @@ def select_parameters(model: nn.Module, params: ParamSpec = None) -> tuple[list[
     if len(devices) > 1:
         raise ValueError(f"selected parameters live on several devices {sorted(map(str, devices))}")
     return [n for n, _ in chosen], [p for _, p in chosen]
+
+
+def _canonical_name(model: nn.Module, item: Any) -> Any:
+    """A tied parameter's other name (``lm_head.weight`` tied to ``embed.weight``) -> the name
+    ``named_parameters()`` lists it under."""
+    if not isinstance(item, str):
+        return item
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        first.setdefault(id(p), name)
+        if name == item:
+            return first[id(p)]
+    return item
 
 
 def _from_sequence(named: list[tuple[str, Tensor]], items: list[Any]) -> list[tuple[str, Tensor]]:
