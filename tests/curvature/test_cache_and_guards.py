@@ -373,3 +373,27 @@ def test_operators_expose_sample_and_batch_counts():
     assert (H.num_samples, H.num_batches) == (37, 3)  # counted before any product
     G = GGN(model, nn.CrossEntropyLoss(), (x, y))
     assert (G.num_samples, G.num_batches) == (37, 1)
+
+
+def test_unchanged_state_reuses_the_cached_graph():
+    model, batches = make_batches("batchnorm", "ce")
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = batches[0]
+    H = Hessian(model, loss_fn, (x, y))
+    v = torch.ones(H.shape[0], dtype=torch.float64)
+    H @ v
+    graph = H._cache[0].value
+    H @ v
+    assert H._cache[0].value is graph  # the fingerprint check does not rebuild needlessly
+    model.train()
+    try:  # train mode: our own forwards bump the BatchNorm buffers' versions (values restored)
+        with pytest.warns(UserWarning):
+            Ht = Hessian(model, loss_fn, (x, y), allow_train_mode=True)
+        with pytest.warns(UserWarning):
+            Ht @ v
+        graph = Ht._cache[0].value
+        with pytest.warns(UserWarning):
+            Ht @ v
+        assert Ht._cache[0].value is graph
+    finally:
+        model.eval()
