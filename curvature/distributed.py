@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .linear_operator import LinearOperator, as_operator
+from .linear_operator import LinearOperator, as_operator, check_operand
 from .model_operator import ModelOperator
 from .precision import working_dtype
 
@@ -361,6 +361,34 @@ class DataParallelOperator(LinearOperator):
         """Bytes all-reduced per product column (``d`` numbers of the reduction dtype)."""
         return self.shape[0] * torch.empty((), dtype=self._reduce_dtype).element_size()
 
+    def matmat(self, V: Tensor) -> Tensor:
+        """``self @ V`` for a ``(d, k)`` block; collective (every rank calls it with the same ``V``).
+
+        A ``V`` refused on one rank (wrong shape, dtype or device) fails every rank with
+        :class:`DistributedCurvatureError` instead of leaving the others in a collective."""
+        try:
+            V = check_operand(V, self.shape[0], self.dtype, self.device, name="V")
+            if V.ndim != 2:
+                raise ValueError(f"V must have shape ({self.shape[0]}, k), got {tuple(V.shape)}")
+        except (TypeError, ValueError) as exc:
+            self._join_control(torch.zeros(2 * self.world_size + 5, dtype=torch.float64), exc)
+            raise AssertionError("unreachable: _join_control raises for a failed rank") from exc
+        return super().matmat(V)
+
+    def _join_control(self, control: Tensor, error: BaseException | None) -> Tensor:
+        """The control all-reduce (``MAX``) of ``[weights (n), failure flags (n), fingerprint (5)]``;
+        raises on every rank when some rank failed."""
+        n = self.world_size
+        if error is not None:
+            control[n + self.rank] = 1.0
+        control = control.to(self._control_device)
+        dist.all_reduce(control, op=dist.ReduceOp.MAX, group=self.process_group)
+        control = control.cpu()
+        failed = [r for r in range(n) if control[n + r] > 0]
+        if failed:
+            self._raise_failure(failed, error)
+        return control
+
     def _local_weight(self) -> float:
         if self._model_op:
             return float(self.local.batch_source.total_weight)
@@ -378,16 +406,10 @@ class DataParallelOperator(LinearOperator):
         try:
             local = self.local @ V
             control[rank] = self._local_weight()
-        except Exception as exc:  # noqa: BLE001 -- every rank raises below
+        except Exception as exc:  # noqa: BLE001 -- every rank raises in _join_control
             error = exc
-            control[n + rank] = 1.0
-        control = control.to(self._control_device)
-        dist.all_reduce(control, op=dist.ReduceOp.MAX, group=self.process_group)
-        control = control.cpu()
         self._num_products += 1
-        failed = [r for r in range(n) if control[n + r] > 0]
-        if failed:
-            self._raise_failure(failed, error)
+        control = self._join_control(control, error)
         if checking:
             if _fingerprints_spread(control[2 * n : 2 * n + 5].tolist()):
                 raise ValueError(

@@ -105,6 +105,13 @@ def test_a_failing_rank_fails_every_rank_by_name(failures):
         assert "rank 1: FloatingPointError" in outcome["message"] and "nan" in outcome["message"]
 
 
+def test_a_vector_refused_on_one_rank_fails_every_rank(failures):
+    for result in failures.results:
+        outcome = result["wrong_shape_on_one_rank"]
+        assert outcome["type"] == "DistributedCurvatureError" and outcome["failed_ranks"] == (1,)
+        assert "rank 1: ValueError: V must have shape (53,) or (53, k), got (54, 3)" in outcome["message"]
+
+
 @pytest.mark.parametrize("scenario,words", [
     ("different_probes", "V differ across ranks"),
     ("different_values", "parameter values differ between rank 0 and rank 1"),

@@ -95,7 +95,12 @@ def failures(rank: int, world_size: int, save: Callable[[dict], None]) -> dict[s
         shard_data = data if rank == 0 else (data[0].float(), data[1])
         DataParallelOperator(Hessian(mine, ce, shard_data))
 
-    for name, call in [("nan_batch", nan_batch), ("different_probes", different_probes),
+    def wrong_shape_on_one_rank() -> None:
+        H = DataParallelOperator(Hessian(model, ce, data))
+        H @ probe_block(H.shape[0] + (rank == 1))
+
+    for name, call in [("nan_batch", nan_batch), ("wrong_shape_on_one_rank", wrong_shape_on_one_rank),
+                       ("different_probes", different_probes),
                        ("different_values", different_values), ("different_shapes", different_shapes),
                        ("different_dtypes", different_dtypes)]:
         out[name] = _outcome(call)
