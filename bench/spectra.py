@@ -207,6 +207,42 @@ def bench_density(name, model, loss_fn, batches, *, steps, repeats, device):
     return rows
 
 
+def bench_slq_round_robin(name, model, loss_fn, data, *, steps, rounds, device):
+    """``spectra.slq`` (1 probe) against PyHessian's ``density(iter=steps, n_v=1)`` on one batch,
+    alternated A B A B ... for ``rounds`` rounds; medians and the median of per-round ratios.
+
+    Both build their operator inside the timed call (PyHessian's constructor runs the first
+    backward; ours caches the graph on the first product), so each pays its graph once.
+    """
+    import statistics
+
+    def ours():
+        H = Hessian(model, loss_fn, data)
+        try:
+            return spectra.slq(H, num_probes=1, num_steps=steps, generator=torch.Generator().manual_seed(0))
+        finally:
+            H.release()
+
+    def theirs():
+        with torch_eig_standin():
+            out = pyhessian_object(model, loss_fn, [data]).density(iter=steps, n_v=1)
+        clear_grads(model)
+        return out
+
+    ours(), theirs()  # warm-up
+    t_ours, t_theirs = [], []
+    for _ in range(rounds):
+        for fn, times in ((ours, t_ours), (theirs, t_theirs)):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - start)
+    ratios = [a / b for a, b in zip(t_ours, t_theirs)]
+    return {"case": f"{name}/1b", "steps": steps, "rounds": rounds, "ours_s": statistics.median(t_ours),
+            "pyhessian_s": statistics.median(t_theirs), "ratio": statistics.median(ratios)}
+
+
 def bench_eigs(name, model, loss_fn, batches, *, repeats, device):
     data = batches[0]
     rows = []
@@ -284,6 +320,9 @@ def bench_lockstep(name, model, loss_fn, batches, *, steps, repeats, device):
 LOCKSTEP_COLUMNS = ["case", "cache_graph", "lockstep_s", "sequential_s", "speedup", "matvecs", "max_node_diff"]
 
 
+SLQ_RR_COLUMNS = ["case", "steps", "rounds", "ours_s", "pyhessian_s", "ratio"]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="mlp,cnn")
@@ -293,7 +332,10 @@ def main(argv=None):
     parser.add_argument("--lockstep-models", default="mlp", help="models for the lockstep section")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sections", default="density,eigs,lockstep")
+    parser.add_argument("--sections", default="density,eigs,lockstep,slq_rr",
+                        help="comma list: density, eigs, lockstep, slq_rr (round-robin SLQ vs PyHessian)")
+    parser.add_argument("--rounds", type=int, default=15, help="rounds of the round-robin section")
+    parser.add_argument("--samples", type=int, default=None, help="use only this many samples per model")
     parser.add_argument("--out", default="bench/results/spectra.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -302,11 +344,13 @@ def main(argv=None):
     sections = set(args.sections.split(","))
     loss_fn = nn.CrossEntropyLoss()
     payload: dict[str, Any] = {"environment": environment(), "args": vars(args), "density": [], "eigs": [],
-                               "lockstep": [], "reference_eigenvalues": {}}
+                               "lockstep": [], "slq_rr": [], "reference_eigenvalues": {}}
     for name in args.models.split(","):
         make_model, make_data = CASES[name]
         model = make_model().to(device)
         x, y = make_data()
+        if args.samples:
+            x, y = x[: args.samples], y[: args.samples]
         data = (x.to(device), y.to(device))
         four = [(a.to(device), b.to(device)) for a, b in split_batches(data, 4)]
         log.warning("%s: d = %d", name, num_params(model))
@@ -322,6 +366,12 @@ def main(argv=None):
             payload["reference_eigenvalues"][name] = ref
             table(rows, ["case", "method", "seconds", "matvecs", "rel_err", "vs_pyhessian"])
             print()
+        if "slq_rr" in sections:
+            row = bench_slq_round_robin(name, model, loss_fn, data, steps=args.steps, rounds=args.rounds,
+                                        device=device)
+            payload["slq_rr"].append(row)
+            table([row], SLQ_RR_COLUMNS)
+            print()
         if "lockstep" in sections and name in args.lockstep_models.split(","):
             rows = bench_lockstep(name, model, loss_fn, four, steps=args.lockstep_steps, repeats=args.repeats,
                                   device=device)
@@ -332,6 +382,8 @@ def main(argv=None):
     table(payload["density"], ["case", "method", "seconds", "matvecs", "vs_pyhessian"])
     print("\n== top-3 eigenvalues ==")
     table(payload["eigs"], ["case", "method", "seconds", "matvecs", "rel_err", "vs_pyhessian"])
+    print("\n== SLQ vs PyHessian, round-robin ==")
+    table(payload["slq_rr"], SLQ_RR_COLUMNS)
     print("\n== lockstep probes ==")
     table(payload["lockstep"], LOCKSTEP_COLUMNS)
     write_json(args.out, payload)
