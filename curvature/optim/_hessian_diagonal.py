@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..linear_operator import LinearOperator
+from .. import LinearOperator
 from ..probes import draw_probes
 from ._common import NonFiniteError, evaluate_closure, state_dtype
 

@@ -12,9 +12,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .. import LinearOperator, NegativeCurvatureError, inverse
 from ..checks import check_count, check_real
-from ..inverse import NegativeCurvatureError, inverse
-from ..linear_operator import LinearOperator
 from ._common import NonFiniteError, evaluate_closure
 
 __all__ = ["GradientRegularizedNewton", "NewtonStepInfo"]
