@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import LinearOperator, NegativeCurvatureError, inverse
+from .. import CGInverse, LinearOperator, NegativeCurvatureError
 from ..checks import check_count, check_real
 from ._common import NonFiniteError, evaluate_closure
 
@@ -201,7 +201,7 @@ class GradientRegularizedNewton(Optimizer):
                 lam = gnorm / gamma
                 tol = group["cg_tol"] or min(0.1, max(math.sqrt(gnorm), 1e-12))
                 try:
-                    inv = inverse(curvature, damping=lam, tol=tol, max_iter=group["cg_max_iter"])
+                    inv = CGInverse(curvature, damping=lam, tol=tol, max_iter=group["cg_max_iter"])  # curvature.inverse
                     s = -(inv @ g)
                     cg_iters += inv.last_info.max_iterations if inv.last_info else 0
                 except NegativeCurvatureError:
