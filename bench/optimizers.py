@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-CONFIGS = ("AdamW", "Sophia(k=10)", "AdaHessian(k=1)", "pto.SophiaH(k=10)", "pto.AdaHessian(k=1)")
+CONFIGS = ("AdamW", "Sophia(k=10)", "Sophia(k=10,fwd)", "AdaHessian(k=1)", "pto.SophiaH(k=10)",
+           "pto.AdaHessian(k=1)")
 
 
 def make_optimizer(name, params):
@@ -38,6 +39,8 @@ def make_optimizer(name, params):
         return torch.optim.AdamW(params, lr=1e-3)
     if name == "Sophia(k=10)":
         return Sophia(params, lr=1e-3, update_period=10, generator=gen)
+    if name == "Sophia(k=10,fwd)":
+        return Sophia(params, lr=1e-3, update_period=10, fd_scheme="forward", generator=gen)
     if name == "AdaHessian(k=1)":
         return AdaHessian(params, lr=0.15, update_period=1, generator=gen)
     import pytorch_optimizer as pto

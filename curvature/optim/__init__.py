@@ -11,8 +11,9 @@ Sophia-H and AdaHessian take the standard closure (no ``create_graph=True``): on
 they call it again at ``θ ± ε u`` and difference the gradients (replaying the RNG, restoring the
 parameters bit-exactly). Measured against the exact Hutchinson diagonal
 (``estimators.diagonal``-style ``u ⊙ Hu`` with the same probe on ``curvature.Hessian``) on a
-float32 tanh MLP, the relative error of ``u ⊙ Hu`` is about 1e-4 (central) and 1e-3 (forward),
-far below the O(1) spread of one Hutchinson sample; ``hessian=op`` gives exact products.
+float32 tanh MLP (1,148 parameters, 3 probes), the relative error of ``u ⊙ Hu`` is 2.3e-5
+(central) and 5.7e-4 (forward), far below the spread of one Hutchinson sample around ``diag(H)``
+(relative 5.5); ``hessian=op`` gives exact products.
 """
 
 from .adahessian import AdaHessian
