@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "QUANTIZABLE_TYPES",
@@ -42,7 +45,19 @@ def quantizable_layers(model: nn.Module, layers: Sequence[str] | None = None) ->
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     modules = dict(model.named_modules())
     if layers is None:
-        found = {name: m for name, m in modules.items() if isinstance(m, QUANTIZABLE_TYPES)}
+        found: dict[str, nn.Module] = {}
+        owner: dict[int, str] = {}
+        for name, m in modules.items():
+            if not isinstance(m, QUANTIZABLE_TYPES):
+                continue
+            # A weight tied between layers (a language model's embedding and output head) is one
+            # tensor with one bit-width: it is listed once, under the first module that holds it.
+            key = id(m.weight)
+            if key in owner:
+                logger.info("layer %r shares its weight with %r; quantized once, as %r", name, owner[key], owner[key])
+                continue
+            owner[key] = name
+            found[name] = m
         if not found:
             raise ValueError(
                 "model has no quantizable layer (Linear, Conv1d/2d/3d or Embedding); "
@@ -62,6 +77,11 @@ def quantizable_layers(model: nn.Module, layers: Sequence[str] | None = None) ->
         w = getattr(modules[name], "weight", None)
         if not isinstance(w, nn.Parameter):
             raise ValueError(f"layers: module {name!r} ({type(modules[name]).__name__}) has no weight parameter")
+        for other, m in out.items():
+            if m.weight is w:
+                raise ValueError(
+                    f"layers: {other!r} and {name!r} share one weight tensor (tied weights); name only one of them"
+                )
         out[name] = modules[name]
     order = {n: i for i, n in enumerate(modules)}
     return dict(sorted(out.items(), key=lambda kv: order[kv[0]]))
@@ -235,3 +255,4 @@ def evaluate_model(
     acc = correct / count if metric == "accuracy" else None
     value = total_metric / count if callable(metric) else None
     return Evaluation(loss, acc, value, count)
+

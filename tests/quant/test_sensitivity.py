@@ -96,3 +96,29 @@ def test_per_layer_probes_match_dense_without_cross_block_variance():
         assert shared[name].trace_stderr >= 0.9 * s.trace_stderr  # cross-block terms only add variance
     with pytest.raises(ValueError, match="probes"):
         quant.sensitivity(model, LOSS, data, probes="each", num_matvecs=4)
+
+
+class _TiedLM(torch.nn.Module):
+    """An embedding and an output head that share one weight (as language models do)."""
+
+    def __init__(self, vocab=7, dim=4):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.mix = torch.nn.Linear(dim, dim)
+        self.head = torch.nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mix(self.embed(ids))))
+
+
+def test_tied_weights_are_one_layer():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = _TiedLM().double().eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 7, (12,), generator=g)
+    sens = quant.sensitivity(model, torch.nn.CrossEntropyLoss(), (ids, ids.roll(1)), num_matvecs=8, generator=g)
+    assert list(sens) == ["embed", "mix"]  # the head's weight IS the embedding's: quantized once
+    with pytest.raises(ValueError, match="share one weight tensor"):
+        quant.sensitivity(model, torch.nn.CrossEntropyLoss(), (ids, ids), layers=["embed", "head"], num_matvecs=4)
