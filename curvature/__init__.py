@@ -18,6 +18,7 @@ from .ggn import GGN
 from .hessian import Hessian
 from .inverse import CGInfo, CGInverse, MINRESInverse, NegativeCurvatureError, inverse
 from .linear_operator import DenseOperator, LinearOperator, as_operator
+from .losses import TokenCrossEntropyLoss
 from .mfac import MFACInverse, collect_gradients
 from .model_operator import ModelOperator
 from .precision import in_working_precision, working_dtype
@@ -52,5 +53,6 @@ __all__ = [
     "as_operator",
     "in_working_precision",
     "working_dtype",
+    "TokenCrossEntropyLoss",
 ]
 __version__ = "0.1.0"
