@@ -97,7 +97,8 @@ def restrict(op: Any, blocks: BlockSpec) -> RestrictedOperator:
     """Restrict ``op`` to the parameter blocks named in ``blocks`` (per-layer spectra).
 
     ``blocks`` is a parameter name (``"fc1.weight"``), the name of any module selecting all the
-    parameters under it (``"fc1"``, or a parent such as ``"encoder"``), a :class:`curvature.Block`, or a sequence of these. Every product with
+    parameters under it (``"fc1"``, or a parent such as ``"encoder"``), a :class:`curvature.Block`,
+    or a sequence of these. Every product with
     the result costs one product with the full operator (see :class:`RestrictedOperator`).
 
     Example:

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..checks import check_count, check_damping
 from .. import SlidingMFACInverse
+from ..checks import check_count, check_damping
 
 __all__ = ["MFAC"]
 
