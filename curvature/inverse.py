@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import logging
-import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
 import torch
 from torch import Tensor
 
-from .checks import check_count, check_damping, renamed_option
+from .checks import check_count, check_damping, check_real, renamed_option
 from .linear_operator import LinearOperator, as_operator
 
 __all__ = ["inverse", "CGInverse", "CGInfo", "MINRESInverse", "NegativeCurvatureError"]
@@ -85,6 +84,15 @@ class CGInfo:
         return all(self.converged)
 
 
+def _solver_operator(op: Any, tol: Any, solver: str) -> tuple[LinearOperator, float]:
+    """The symmetric operator and relative residual tolerance ``0 < tol < 1`` of a Krylov solve."""
+    tol = check_real(tol, name="tol", low=0.0, high=1.0, low_open=True, high_open=True)
+    op = as_operator(op)
+    if not getattr(op, "is_symmetric", True):
+        raise ValueError(f"op must be symmetric for {solver}")
+    return op, tol
+
+
 class CGInverse(LinearOperator):
     """``(op + damping · I)⁻¹`` as an operator: ``@`` runs preconditioned conjugate gradients.
 
@@ -137,13 +145,9 @@ class CGInverse(LinearOperator):
                 f"negative_curvature must be one of {NEGATIVE_CURVATURE_ACTIONS}, got {negative_curvature!r}"
             )
         self.negative_curvature = negative_curvature
-        if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 < float(tol) < 1:
-            raise ValueError(f"tol must be a number in (0, 1), got {tol!r}")
-        op = as_operator(op)
-        if not getattr(op, "is_symmetric", True):
-            raise ValueError("op must be symmetric for conjugate gradients")
+        op, tol = _solver_operator(op, tol, "conjugate gradients")
+        super().__init__(op.shape[0], op.dtype, op.device, op.blocks)
         d = op.shape[0]
-        super().__init__(d, op.dtype, op.device, op.blocks)
         self.op = op
         self.damping = damping
         self.tol = float(tol)
@@ -269,13 +273,9 @@ class MINRESInverse(LinearOperator):
 
     def __init__(self, op: Any, *, damping: float, tol: float = 1e-6, max_iter: int | None = None):
         damping = check_damping(damping)
-        if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 < float(tol) < 1:
-            raise ValueError(f"tol must be a number in (0, 1), got {tol!r}")
-        op = as_operator(op)
-        if not getattr(op, "is_symmetric", True):
-            raise ValueError("op must be symmetric for MINRES")
+        op, tol = _solver_operator(op, tol, "MINRES")
+        super().__init__(op.shape[0], op.dtype, op.device, op.blocks)
         d = op.shape[0]
-        super().__init__(d, op.dtype, op.device, op.blocks)
         self.op, self.damping, self.tol = op, damping, float(tol)
         self.max_iter = 10 * d if max_iter is None else check_count(max_iter, name="max_iter")
         self.last_info: CGInfo | None = None
