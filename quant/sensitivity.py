@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -96,6 +97,7 @@ def sensitivity(
     probe_batch_size: int | None = None,
     eig_tol: float = 1e-3,
     hessian_options: dict[str, Any] | None = None,
+    operator: Any = None,
 ) -> dict[str, LayerSensitivity]:
     """Per-layer HAWQ sensitivities of the loss of ``model`` over the calibration ``data``.
 
@@ -128,6 +130,12 @@ def sensitivity(
         probe_batch_size: columns per batched product (memory bound).
         eig_tol: relative residual tolerance of the eigenvalues.
         hessian_options: extra keyword options for :class:`curvature.Hessian`.
+        operator: use this curvature operator instead of building ``Hessian(model, loss_fn,
+            data, params=<the layers' weights>)``: for example a
+            ``curvature.DataParallelOperator`` over each rank's shard (the same plan on every
+            rank as one process over all data), or a ``GGN``. Its blocks must include every
+            layer's ``<name>.weight``; ``data`` is then used only to count MACs. Not with
+            ``probes="per_layer"``.
 
     Returns:
         ``{layer name: LayerSensitivity}`` in model order.
@@ -154,6 +162,13 @@ def sensitivity(
     weight_names = [f"{name}.weight" if name else "weight" for name in chosen]
     macs = layer_macs(model, chosen, data)
     options = dict(hessian_options or {})
+    if operator is not None:
+        if probes == "per_layer":
+            raise ValueError("operator= works with probes='shared' (per_layer builds one Hessian per layer)")
+        names = {b.name for b in getattr(operator, "blocks", ())}
+        missing = [w for w in weight_names if w not in names]
+        if missing:
+            raise ValueError(f"operator has no block for {missing}; build it with params={weight_names}")
     if metric == "trace" and probes == "per_layer":
         traces: dict[str, Any] = {}
         with eval_mode(model):
@@ -162,7 +177,7 @@ def sensitivity(
                     traces[name] = estimators.trace(H_i, num_matvecs=num_matvecs, generator=generator,
                                                     probe_batch_size=probe_batch_size)
         return _results(chosen, traces, {}, macs, metric, num_matvecs * len(chosen))
-    with eval_mode(model), Hessian(model, loss_fn, data, params=weight_names, **options) as H:
+    with eval_mode(model), _operator(operator, model, loss_fn, data, weight_names, options) as H:
         if metric == "trace":
             est = estimators.block_traces(
                 H, num_matvecs=num_matvecs, generator=generator, probe_batch_size=probe_batch_size
@@ -181,6 +196,17 @@ def sensitivity(
                 eigs[name] = res
                 used += res.num_matvecs
     return _results(chosen, traces, eigs, macs, metric, used)
+
+
+@contextlib.contextmanager
+def _operator(operator: Any, model: nn.Module, loss_fn: Any, data: Any, weight_names: list[str],
+              options: dict[str, Any]) -> Iterator[Any]:
+    """The caller's operator as it is, or a Hessian of the weights released afterwards."""
+    if operator is not None:
+        yield operator
+        return
+    with Hessian(model, loss_fn, data, params=weight_names, **options) as H:
+        yield H
 
 
 def _results(

@@ -122,3 +122,18 @@ def test_tied_weights_are_one_layer():
     assert list(sens) == ["embed", "mix"]  # the head's weight IS the embedding's: quantized once
     with pytest.raises(ValueError, match="share one weight tensor"):
         quant.sensitivity(model, torch.nn.CrossEntropyLoss(), (ids, ids), layers=["embed", "head"], num_matvecs=4)
+
+
+def test_a_given_operator_replaces_the_built_hessian():
+    from curvature import Hessian
+
+    model, (x, y) = tiny_mlp(), tiny_data()
+    loss_fn = nn.CrossEntropyLoss()
+    weights = [f"{name}.weight" for name in quant.quantizable_layers(model)]
+    own = quant.sensitivity(model, loss_fn, (x, y), num_matvecs=16, generator=torch.Generator().manual_seed(3))
+    given = quant.sensitivity(model, loss_fn, (x, y), num_matvecs=16, generator=torch.Generator().manual_seed(3),
+                              operator=Hessian(model, loss_fn, (x, y), params=weights))
+    assert {k: v.trace for k, v in own.items()} == {k: v.trace for k, v in given.items()}
+    with pytest.raises(ValueError, match="operator has no block"):
+        quant.sensitivity(model, loss_fn, (x, y), num_matvecs=4,
+                          operator=Hessian(model, loss_fn, (x, y), params=weights[:1]))
