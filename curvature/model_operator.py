@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ._kernels import differentiable_kernels
+from ._linalg import all_finite
 from ._state import BatchKey, ModelState, batch_key, capture_state, mode_dependent_modules, state_structure
 from .blocks import make_blocks
 from .compat import exact_weight_norm, unwrap_compiled
@@ -348,7 +349,7 @@ class ModelOperator(LinearOperator):
         """
 
     def _split(self, V: Tensor) -> list[Tensor]:
-        Vt = V.T if V.shape[1] == 1 else V.T.contiguous()  # columns as rows: strided grad_outputs are slow
+        Vt = V.T.contiguous()  # columns as rows (a no-op for probe blocks): strided grad_outputs are slow
         return [Vt[:, b.slice].reshape(V.shape[1], *b.shape) for b in self.blocks]
 
     def _column_chunks(self, k: int) -> Iterator[slice]:
@@ -387,7 +388,7 @@ class ModelOperator(LinearOperator):
             elif mean:
                 total /= weights
             # One check per product; the batch is located only when it fails.
-            if self.check_finite and not bool(torch.isfinite(total).all()):
+            if self.check_finite and not all_finite(total):
                 self._raise_non_finite(V_list)
         return total.T
 
