@@ -14,7 +14,7 @@ from . import backend_choice as registry
 from ._memory import default_memory_budget, is_out_of_memory
 from .backend_choice import BackendChoice, ChoiceKey, model_signature, select_by_medians
 from .functional import model_as_function
-from .model_operator import ModelOperator, _measure_saved_bytes
+from .model_operator import FlatParts, ModelOperator, _measure_saved_bytes
 from .outputs import select_output
 
 __all__ = ["Hessian", "HESSIAN_BACKENDS"]
@@ -369,17 +369,20 @@ class Hessian(ModelOperator):
     def _looped_second_backward(self, outputs: list[Tensor], live: list[int], V: list[Tensor]) -> list[Tensor]:
         """``d(grad . v)/d params`` per column: one backward per column through the shared graph."""
         k = V[0].shape[0]
+        # Each column is written once into the (k, d) result; the per-parameter views need no
+        # stacking and the product needs no concatenation (two full copies fewer per block).
+        flat = torch.empty(k, self.shape[0], dtype=self.dtype, device=self.device)
         with torch.enable_grad():
-            # No materialize_grads: it costs a pass over every gradient; the rare unused ones get zeros here.
-            cols = [
-                torch.autograd.grad(outputs, self.params, [V[i][c] for i in live], retain_graph=True, allow_unused=True)
-                for c in range(k)
-            ]
-        if any(r is None for r in cols[0]):
-            cols = [[torch.zeros_like(p) if r is None else r for r, p in zip(rs, self.params)] for rs in cols]
-        if k == 1:
-            return [r.unsqueeze(0) for r in cols[0]]
-        return [torch.stack(rs) for rs in zip(*cols)]
+            for c in range(k):
+                # No materialize_grads: it costs a pass over every gradient; unused ones get zeros.
+                rs = torch.autograd.grad(outputs, self.params, [V[i][c] for i in live], retain_graph=True,
+                                         allow_unused=True)
+                for r, block in zip(rs, self.blocks):
+                    if r is None:
+                        flat[c, block.slice].zero_()
+                    else:
+                        flat[c, block.slice].copy_(r.reshape(-1))
+        return FlatParts(flat, self.blocks)
 
     def _vmapped_second_backward(
         self, outputs: list[Tensor], live: list[int], V: list[Tensor], columns: int | None

@@ -71,6 +71,16 @@ class _CacheEntry:
     nbytes: int
 
 
+class FlatParts(list):
+    """A batch product's per-parameter ``(k, *shape)`` results as views of ONE ``(k, d)`` tensor
+    (``.flat``), so that turning them into the flat product costs no copy."""
+
+    def __init__(self, flat: Tensor, blocks: Any):
+        k = flat.shape[0]
+        super().__init__(flat[:, b.slice].view(k, *b.shape) for b in blocks)
+        self.flat = flat
+
+
 class ModelOperator(LinearOperator):
     """Base class of curvature operators of ``loss_fn(model(inputs), targets)`` over a dataset.
 
@@ -393,7 +403,10 @@ class ModelOperator(LinearOperator):
         return total.T
 
     def _flat(self, parts: list[Tensor], k: int) -> Tensor:
-        """Per-parameter ``(k, *shape)`` results as one ``(k, d)`` tensor (one copy)."""
+        """Per-parameter ``(k, *shape)`` results as one ``(k, d)`` tensor (one copy, none for
+        :class:`FlatParts`)."""
+        if isinstance(parts, FlatParts):
+            return parts.flat
         return torch.cat([p.reshape(k, -1) for p in parts], dim=1)
 
     def _raise_non_finite(self, V_list: list[Tensor]) -> None:
