@@ -84,6 +84,21 @@ class CGInfo:
         return all(self.converged)
 
 
+def _solve_info(iterations: Tensor, residuals: Tensor, b_norm: Tensor, converged: Tensor, breakdown: Tensor,
+                num_matvecs: int) -> CGInfo:
+    """The :class:`CGInfo` of a batched Krylov solve (per-column iterations and residuals)."""
+    final, b_norm = residuals.cpu(), b_norm.cpu()
+    relative = torch.where(b_norm > 0, final / b_norm.clamp_min(torch.finfo(final.dtype).tiny), 0.0)
+    return CGInfo(
+        iterations=tuple(iterations.tolist()),
+        residual_norms=tuple(final.tolist()),
+        relative_residuals=tuple(relative.tolist()),
+        converged=tuple(converged.tolist()),
+        breakdown=tuple(breakdown.tolist()),
+        num_matvecs=num_matvecs,
+    )
+
+
 def _solver_operator(op: Any, tol: Any, solver: str) -> tuple[LinearOperator, float]:
     """The symmetric operator and relative residual tolerance ``0 < tol < 1`` of a Krylov solve."""
     tol = check_real(tol, name="tol", low=0.0, high=1.0, low_open=True, high_open=True)
@@ -230,16 +245,7 @@ class CGInverse(LinearOperator):
             final_res[cols] = torch.linalg.vector_norm(R, dim=0)
 
         converged = (final_res <= threshold) & ~breakdown
-        final, b_norm = final_res.cpu(), b_norm.cpu()
-        relative = torch.where(b_norm > 0, final / b_norm.clamp_min(torch.finfo(final.dtype).tiny), 0.0)
-        self.last_info = CGInfo(
-            iterations=tuple(iterations.tolist()),
-            residual_norms=tuple(final.tolist()),
-            relative_residuals=tuple(relative.tolist()),
-            converged=tuple(converged.tolist()),
-            breakdown=tuple(breakdown.tolist()),
-            num_matvecs=num_matvecs,
-        )
+        self.last_info = _solve_info(iterations, final_res, b_norm, converged, breakdown, num_matvecs)
         if not self.last_info.all_converged:
             failed = [i for i, c in enumerate(self.last_info.converged) if not c]
             logger.warning(
@@ -337,16 +343,7 @@ class MINRESInverse(LinearOperator):
             X[:, cols] = Xw
             final_res[cols] = phibar.abs()
         converged = final_res <= threshold
-        final, b_norm = final_res.cpu(), b_norm.cpu()
-        relative = torch.where(b_norm > 0, final / b_norm.clamp_min(torch.finfo(final.dtype).tiny), 0.0)
-        self.last_info = CGInfo(
-            iterations=tuple(iterations.tolist()),
-            residual_norms=tuple(final.tolist()),
-            relative_residuals=tuple(relative.tolist()),
-            converged=tuple(converged.tolist()),
-            breakdown=(False,) * k,
-            num_matvecs=num_matvecs,
-        )
+        self.last_info = _solve_info(iterations, final_res, b_norm, converged, torch.zeros_like(converged), num_matvecs)
         if not self.last_info.all_converged:
             logger.warning("MINRES did not converge for %d of %d columns within max_iter=%d",
                            k - int(converged.sum()), k, self.max_iter)

@@ -11,6 +11,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from curvature import call_model
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -130,14 +132,6 @@ def check_calibration_data(data: Any, *, name: str = "data") -> None:
     raise ValueError(f"{name} is empty: the calibration data must hold at least one sample")
 
 
-def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
 def _num_samples(inputs: Any, targets: Tensor) -> int:
     if isinstance(targets, Tensor) and targets.ndim > 0:
         return int(targets.shape[0])
@@ -184,7 +178,7 @@ def layer_macs(model: nn.Module, layers: Mapping[str, nn.Module], data: Any) -> 
     handles = [m.register_forward_hook(hook(name, m)) for name, m in layers.items()]
     try:
         with torch.no_grad(), eval_mode(model):
-            _call(model, inputs)
+            call_model(model, inputs)
     finally:
         for h in handles:
             h.remove()
@@ -240,7 +234,7 @@ def evaluate_model(
     total_loss, total_metric, correct, count = 0.0, 0.0, 0, 0
     with torch.no_grad(), eval_mode(model):
         for inputs, targets in iterate_batches(data):
-            out = _call(model, inputs)
+            out = call_model(model, inputs)
             n = _num_samples(inputs, targets)
             loss = float(loss_fn(out, targets))
             total_loss += loss * n if reduction == "mean" else loss

@@ -25,6 +25,8 @@ from typing import Any, Callable, Union
 import torch
 from torch import Tensor, nn
 
+from curvature import call_model
+
 __all__ = [
     "BadDataError",
     "BadProblemError",
@@ -329,14 +331,6 @@ def _shape(x: Any) -> str:
     return type(x).__name__
 
 
-def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
 _STOCHASTIC = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)  # noqa: SLF001
 
 
@@ -377,7 +371,7 @@ def check_problem(
         inputs, targets = _move(inputs, device), _move(targets, device)
     try:
         with torch.no_grad():
-            outputs = _call(model, inputs)
+            outputs = call_model(model, inputs)
     except Exception as exc:  # noqa: BLE001 - any failure of the user's model on its own data
         raise ModelCallError(
             f"the model fails on the first batch (inputs {_shape(inputs)}): {type(exc).__name__}: "
