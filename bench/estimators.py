@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import statistics
-import time
 from typing import Any, Callable
 
 import torch
@@ -30,7 +29,7 @@ from torch import nn
 
 import estimators
 from bench.models import CASES, num_params, split_batches
-from bench.timing import environment, print_table, sync, write_json
+from bench.timing import environment, print_table, round_robin, write_json
 from curvature import DenseOperator, Hessian
 
 log = logging.getLogger("bench.estimators")
@@ -42,21 +41,6 @@ TARGETS = {
     "vs_curvlinops": 1.0,  # ours / curvlinops, below
     "block_traces_over_trace": 1.2,  # at most
 }
-
-
-def interleaved_medians(contenders: dict[str, Callable[[], Any]], *, repeats: int, device: Any) -> dict[str, float]:
-    """Median wall time per contender; one untimed warm-up each, then contenders alternate."""
-    for fn in contenders.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def trace_contenders(model: nn.Module, loss_fn: nn.Module, data, batches, device, values: dict[str, list[float]],
@@ -117,7 +101,7 @@ def run_trace_case(name: str, num_batches: int, *, repeats: int, device: torch.d
     loss_fn = nn.CrossEntropyLoss()
     values: dict[str, list[float]] = {}
     contenders = trace_contenders(model, loss_fn, data, batches, device, values, backends)
-    t = interleaved_medians(contenders, repeats=repeats, device=device)
+    t = round_robin(contenders, rounds=repeats, device=device)
     row: dict[str, Any] = {"model": name, "batches": num_batches, "d": num_params(model), "ours_s": t["ours"]}
     for key in t:
         if key.startswith("ours["):
@@ -144,8 +128,8 @@ def run_block_traces(*, repeats: int, device: torch.device) -> dict[str, Any]:
                 return fn(H, num_matvecs=NUM_MATVECS, generator=torch.Generator(device=device).manual_seed(0))
         return go
 
-    t = interleaved_medians({"trace": one(estimators.trace), "block_traces": one(estimators.block_traces)},
-                            repeats=repeats, device=device)
+    t = round_robin({"trace": one(estimators.trace), "block_traces": one(estimators.block_traces)},
+                            rounds=repeats, device=device)
     with Hessian(model, loss_fn, data) as H:
         nblocks = len(H.blocks)
     return {"model": "mlp", "blocks": nblocks, "trace_s": t["trace"], "block_traces_s": t["block_traces"],

@@ -26,38 +26,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
-import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from bench.models import CASES, make_cnn, num_params, split_batches
-from bench.timing import environment, print_table, sync, write_json
+from bench.timing import environment, print_table, round_robin, write_json
 from curvature import GGN, Hessian, backend_choice
 
 log = logging.getLogger("bench.operators")
-
-
-def round_robin(fns: dict[str, Callable[[], Any]], *, rounds: int, device: Any = None, warmup: int = 1) -> dict[
-    str, float
-]:
-    """Median seconds of each function, timed in interleaved rounds (the start rotates each round)."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
-            sync(device)
-            start = time.perf_counter()
-            fns[name]()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {n: statistics.median(t) for n, t in times.items()}
 
 
 def hand_double_backward(model, loss_fn, batches, v):

@@ -37,7 +37,7 @@ import estimators
 import quant
 import spectra
 from bench.models import cnn_data, make_cnn, num_params
-from bench.timing import environment, print_table, sync, write_json
+from bench.timing import environment, print_table, round_robin_times, write_json
 from curvature import Hessian
 
 log = logging.getLogger("bench.quant")
@@ -45,21 +45,6 @@ log = logging.getLogger("bench.quant")
 NUM_MATVECS = 100
 DP_CELLS = 200_000
 TARGETS = {"sensitivity_speedup_vs_per_layer": 5.0, "ilp_50x4_seconds": 1.0}
-
-
-def interleaved_medians(
-    contenders: dict[str, Callable[[], Any]], *, repeats: int, device: Any
-) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    for r in range(repeats):
-        for name, fn in contenders.items():
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-            log.info("repeat %d %s %.2f s", r, name, times[name][-1])
-    return times
 
 
 def sensitivity_contenders(model: nn.Module, loss_fn: nn.Module, data, device, values: dict[str, list[dict]],
@@ -124,7 +109,7 @@ def run_sensitivity(*, repeats: int, device: torch.device) -> dict[str, Any]:
     # warm-up: a few probes each (autotuning, allocator, lazy imports)
     for fn in sensitivity_contenders(model, loss_fn, data, device, {}, 4).values():
         fn()
-    times = interleaved_medians(contenders, repeats=repeats, device=device)
+    times = round_robin_times(contenders, rounds=repeats, device=device, warmup=0)
     med = {k: statistics.median(v) for k, v in times.items()}
     row: dict[str, Any] = {"model": "bench cnn", "d": num_params(model), "layers": len(quant.quantizable_layers(model)),
                            "samples": len(y), "num_matvecs": NUM_MATVECS, "device": str(device)}

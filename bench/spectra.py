@@ -40,7 +40,7 @@ from torch import nn
 
 import spectra
 from bench.models import CASES, num_params, split_batches
-from bench.timing import environment, print_table, sync, write_json
+from bench.timing import environment, print_table, round_robin_times, sync, write_json
 from curvature import Hessian
 
 log = logging.getLogger("bench.spectra")
@@ -229,15 +229,8 @@ def bench_slq_round_robin(name, model, loss_fn, data, *, steps, rounds, device):
         clear_grads(model)
         return out
 
-    ours(), theirs()  # warm-up
-    t_ours, t_theirs = [], []
-    for _ in range(rounds):
-        for fn, times in ((ours, t_ours), (theirs, t_theirs)):
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times.append(time.perf_counter() - start)
+    times = round_robin_times({"ours": ours, "pyhessian": theirs}, rounds=rounds, device=device)
+    t_ours, t_theirs = times["ours"], times["pyhessian"]
     ratios = [a / b for a, b in zip(t_ours, t_theirs)]
     return {"case": f"{name}/1b", "steps": steps, "rounds": rounds, "ours_s": statistics.median(t_ours),
             "pyhessian_s": statistics.median(t_theirs), "ratio": statistics.median(ratios)}

@@ -31,6 +31,35 @@ def median_time(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1, dev
     return statistics.median(times)
 
 
+def round_robin_times(
+    fns: dict[str, Callable[[], Any]], *, rounds: int, device: Any = None, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Wall times of each function over ``rounds`` interleaved rounds (A B A B ..., the start
+    rotating each round) after ``warmup`` untimed calls each: this machine drifts by 20-30 %
+    within a minute, so only interleaved timings compare."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            sync(device)
+            start = time.perf_counter()
+            fns[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def round_robin(
+    fns: dict[str, Callable[[], Any]], *, rounds: int, device: Any = None, warmup: int = 1
+) -> dict[str, float]:
+    """Median seconds of each function over interleaved rounds (:func:`round_robin_times`)."""
+    times = round_robin_times(fns, rounds=rounds, device=device, warmup=warmup)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
 def environment() -> dict[str, Any]:
     return {
         "torch": torch.__version__,
