@@ -7,9 +7,6 @@ Hessian against central finite differences whose error shrinks like eps^2.
 
 from __future__ import annotations
 
-import importlib
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +15,7 @@ from torch.func import functional_call
 
 from curvature import GGN, EmpiricalFisher, Fisher, Hessian
 from curvature.losses import TokenCrossEntropyLoss
+from tests.app.cli_problems import import_transformers
 
 TOL = 1e-10
 DT = torch.float64
@@ -28,20 +26,11 @@ def rel_err(a, b):
 
 
 def _transformers():
-    """``transformers``, or skip with the reason. A torchvision wheel built for another torch
-    (its C++ ops fail to register) makes transformers' lazy imports fail; GPT-2 needs no vision."""
+    """``transformers``, or skip with the reason (the import works around a broken torchvision)."""
     try:
-        importlib.import_module("torchvision")
-    except ImportError:
-        pass
-    except Exception:  # noqa: BLE001 - the broken-wheel case raises RuntimeError at import
-        sys.modules["torchvision"] = None
-    try:
-        transformers = importlib.import_module("transformers")
-        from transformers import GPT2Config, GPT2LMHeadModel  # noqa: F401
+        return import_transformers()
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"needs the optional 'hf' extra (pip install .[hf]): transformers unavailable ({exc})")
-    return transformers
 
 
 VOCAB, SEQ = 11, 6
