@@ -38,8 +38,17 @@ from .interlayer import (
     predict_loss_change,
     search_plan,
 )
-from .layers import QUANTIZABLE_TYPES, Evaluation, evaluate_model, layer_macs, quantizable_layers
-from .plan import SCHEMA_VERSION, BitPlan
+from .layers import (
+    QUANTIZABLE_TYPES,
+    Evaluation,
+    MetricNotApplicableError,
+    channel_axis,
+    evaluate_model,
+    is_quantizable,
+    layer_macs,
+    quantizable_layers,
+)
+from .plan import SCHEMA_VERSION, BitPlan, PlanFileError
 from .plotting import plot_pareto, plot_sensitivities
 from .quantizers import (
     ActivationQuantizer,
@@ -61,15 +70,19 @@ __all__ = [
     "LayerSensitivity",
     "LossChangePrediction",
     "LossChangePredictor",
+    "MetricNotApplicableError",
+    "PlanFileError",
     "PlanSearchResult",
     "QUANTIZABLE_TYPES",
     "QuantizedTensor",
     "SCHEMA_VERSION",
     "SENSITIVITY_METRICS",
     "allocate_bits",
+    "channel_axis",
     "dp_frontier",
     "evaluate_model",
     "fold_batchnorm",
+    "is_quantizable",
     "layer_costs",
     "layer_macs",
     "make_plan",

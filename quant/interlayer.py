@@ -103,16 +103,22 @@ class LossChangePredictor:
             raise
 
     def _gradient(self) -> Tensor:
+        """The data set's gradient: batch gradients weighted by the core's batch weights (the
+        loss's normalizer, :func:`curvature.batch_weight`), as the Hessian weights its products."""
         H = self.hessian
-        total, count = None, 0
-        for index, inputs, targets, n in H.batches():
-            grads = H.gradient_graph(index, inputs, targets)
-            flat = H.flatten([g.detach() for g in grads]).to(torch.float64)
-            weight = n if H.loss_info.reduction == "mean" else 1
-            total = flat * weight if total is None else total.add_(flat, alpha=weight)
-            count += n
-        assert total is not None
-        return total / count if H.loss_info.reduction == "mean" else total
+        total = torch.zeros(H.shape[0], dtype=torch.float64, device=H.device)
+        weight = 0.0
+        for batch in H.batch_source:
+            if batch.weight == 0:  # a fully padded batch: its mean loss is 0/0 and weighs nothing
+                continue
+            grads = H.gradient_graph(batch.index, batch.inputs, batch.targets)
+            total.add_(H.flatten([g.detach() for g in grads]).to(torch.float64), alpha=batch.weight)
+            weight += batch.weight
+        if H.loss_info.reduction == "sum":
+            return total
+        if weight == 0:
+            raise ValueError("every target of data is ignored: the mean loss has no gradient")
+        return total / weight
 
     def perturbation(self, plan: BitPlan) -> list[Tensor]:
         """Per-block ``Q_b(W) − W`` (zero for layers the plan does not quantize), in block order."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -17,17 +18,64 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "QUANTIZABLE_TYPES",
+    "is_quantizable",
+    "channel_axis",
     "quantizable_layers",
     "check_calibration_data",
     "iterate_batches",
     "layer_macs",
     "Evaluation",
+    "EVALUATION_METRICS",
+    "MetricNotApplicableError",
     "evaluate_model",
     "eval_mode",
 ]
 
-#: Module types quantized by default: their ``weight`` is the quantized tensor.
+#: Module types quantized by default: their ``weight`` is the quantized tensor. Hugging Face's
+#: ``transformers.pytorch_utils.Conv1D`` (GPT-2's linear layers, weight stored ``(in, out)``) is
+#: quantized too, see :func:`is_quantizable`.
 QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+
+
+def _hf_conv1d_type() -> type | None:
+    # A model holding a Conv1D has imported transformers already: look it up rather than import
+    # transformers (seconds) for every user of quant.
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None) if module is not None else None
+
+
+def is_quantizable(module: nn.Module) -> bool:
+    """Whether ``module`` is quantized by default: a :data:`QUANTIZABLE_TYPES` instance or a
+    Hugging Face ``Conv1D`` (GPT-2).
+
+    Example:
+        >>> is_quantizable(nn.Linear(2, 2)), is_quantizable(nn.ReLU())
+        (True, False)
+    """
+    if isinstance(module, QUANTIZABLE_TYPES):
+        return True
+    conv1d = _hf_conv1d_type()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def channel_axis(module: nn.Module) -> int:
+    """The output-channel axis of ``module.weight``: 1 for Hugging Face ``Conv1D`` (stored
+    ``(in, out)``), 0 for Linear/Conv (``(out, in, ...)``) and Embedding (one scale per token).
+
+    Example:
+        >>> channel_axis(nn.Linear(3, 2))
+        0
+    """
+    conv1d = _hf_conv1d_type()
+    return 1 if conv1d is not None and isinstance(module, conv1d) else 0
+
+
+def _macs_per_output(module: nn.Module) -> int:
+    """Multiply-accumulates per output element: the fan-in of one output."""
+    w = module.weight
+    if channel_axis(module) == 1:
+        return int(w.shape[0])  # Conv1D: (in, out)
+    return int(w[0].numel())  # in_features, or in_channels/groups * prod(kernel)
 
 
 def quantizable_layers(model: nn.Module, layers: Sequence[str] | None = None) -> dict[str, nn.Module]:
@@ -35,7 +83,8 @@ def quantizable_layers(model: nn.Module, layers: Sequence[str] | None = None) ->
 
     Args:
         model: the network.
-        layers: module names to use; default every Linear, Conv1d/2d/3d and Embedding module.
+        layers: module names to use; default every Linear, Conv1d/2d/3d, Embedding and Hugging
+            Face Conv1D module.
             A named module must exist and have a ``weight`` parameter.
 
     Example:
@@ -50,7 +99,7 @@ def quantizable_layers(model: nn.Module, layers: Sequence[str] | None = None) ->
         found: dict[str, nn.Module] = {}
         owner: dict[int, str] = {}
         for name, m in modules.items():
-            if not isinstance(m, QUANTIZABLE_TYPES):
+            if not is_quantizable(m):
                 continue
             # A weight tied between layers (a language model's embedding and output head) is one
             # tensor with one bit-width: it is listed once, under the first module that holds it.
@@ -74,7 +123,7 @@ def quantizable_layers(model: nn.Module, layers: Sequence[str] | None = None) ->
     out: dict[str, nn.Module] = {}
     for name in layers:
         if name not in modules or name == "":
-            known = [n for n, m in modules.items() if isinstance(m, QUANTIZABLE_TYPES)]
+            known = [n for n, m in modules.items() if is_quantizable(m)]
             raise ValueError(f"layers: the model has no module named {name!r}; quantizable layers: {known}")
         w = getattr(modules[name], "weight", None)
         if not isinstance(w, nn.Parameter):
@@ -151,10 +200,13 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def layer_macs(model: nn.Module, layers: Mapping[str, nn.Module], data: Any) -> dict[str, int]:
-    """Multiply-accumulates per sample of each layer on the first batch of ``data``.
+    """Multiply-accumulates per sample of each layer's weight on the first batch of ``data``.
 
     Linear: ``in_features`` per output element; conv: ``in_channels/groups · prod(kernel)`` per
-    output element; Embedding: 0 (a lookup).
+    output element; Hugging Face Conv1D: ``in`` (its weight's first axis); Embedding: 0 (a
+    lookup). A weight's MACs are those of EVERY use of it: a module called several times counts
+    each call, and a weight tied between modules (an embedding and a language model's output
+    head) counts every module that holds it, whichever one names the layer.
 
     Example:
         >>> m = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(32, 5))
@@ -162,27 +214,39 @@ def layer_macs(model: nn.Module, layers: Mapping[str, nn.Module], data: Any) -> 
         {'0': 288, '2': 160}
     """
     inputs, targets = next(iterate_batches(data))
-    n = _num_samples(inputs, targets)
-    counts: dict[str, int] = {}
+    n = max(_num_samples(inputs, targets), 1)
+    layer_of = {id(m.weight): name for name, m in layers.items()}
+    counts = {name: 0 for name in layers}
 
-    def hook(name: str, module: nn.Module) -> Callable[..., None]:
-        def record(_m: nn.Module, _inp: Any, out: Any) -> None:
+    def hook(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, _inp: Any, out: Any) -> None:
             if isinstance(module, nn.Embedding) or not isinstance(out, Tensor):
-                counts[name] = 0
                 return
-            per_output = module.weight[0].numel()  # in_features, or in_channels/groups * kernel
-            counts[name] = int(out.numel() // max(n, 1) * per_output)
+            counts[name] += int(out.numel() // n * _macs_per_output(module))  # += : every call counts
 
         return record
 
-    handles = [m.register_forward_hook(hook(name, m)) for name, m in layers.items()]
+    # Every module holding a layer's weight is hooked (tied weights: the head as well as the embedding).
+    handles = [
+        m.register_forward_hook(hook(layer_of[id(w)]))
+        for m in model.modules()
+        if isinstance(w := getattr(m, "weight", None), Tensor) and id(w) in layer_of
+    ]
     try:
         with torch.no_grad(), eval_mode(model):
             call_model(model, inputs)
     finally:
         for h in handles:
             h.remove()
-    return {name: counts.get(name, 0) for name in layers}
+    return counts
+
+
+class MetricNotApplicableError(ValueError):
+    """The asked metric does not apply to this model and loss (accuracy of a regression)."""
+
+
+#: ``metric=`` values of :func:`evaluate_model` besides a callable and ``None``.
+EVALUATION_METRICS = ("auto", "accuracy")
 
 
 @dataclass(frozen=True)
@@ -190,21 +254,47 @@ class Evaluation:
     """Loss and accuracy of a model over a data set.
 
     Attributes:
-        loss: the mean loss per sample (for ``reduction="mean"`` losses; the summed loss for
-            ``reduction="sum"``).
-        accuracy: fraction of samples whose arg-max output equals the target (``None`` if not
-            asked for).
+        loss: the loss of the whole data set as one batch: for a ``mean`` loss each batch's loss
+            weighted by its normalizer (valid targets, summed class weights, samples; the core's
+            :func:`curvature.batch_weight`) over the summed normalizers; for a ``sum`` loss the
+            summed batch losses.
+        accuracy: the fraction of predictions (arg-max over the last output dimension, one per
+            target entry: per sample for a classifier, per token for a tagger or LM) equal to
+            their target, targets equal to ``ignore_index`` left out (``None`` when not asked
+            for or not applicable).
         metric: the sample-weighted mean of a custom ``metric(outputs, targets)`` (or ``None``).
         num_samples: samples evaluated.
+        num_predictions: predictions counted by :attr:`accuracy` (``None`` without accuracy).
     """
 
     loss: float
     accuracy: float | None
     metric: float | None
     num_samples: int
+    num_predictions: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"loss": self.loss, "accuracy": self.accuracy, "metric": self.metric, "num_samples": self.num_samples}
+        return {"loss": self.loss, "accuracy": self.accuracy, "metric": self.metric, "num_samples": self.num_samples,
+                "num_predictions": self.num_predictions}
+
+
+def _accuracy_applies(out: Any, targets: Any) -> str | None:
+    """Why arg-max accuracy does not apply to ``(out, targets)``, or ``None`` when it does."""
+    if not isinstance(out, Tensor) or not isinstance(targets, Tensor):
+        return "outputs and targets must be tensors"
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        return f"the targets are {targets.dtype} values, not class indices (a regression?)"
+    if out.ndim < 1 or tuple(out.shape[:-1]) != tuple(targets.shape):
+        return (f"the outputs {tuple(out.shape)} are not class scores over the last axis of targets "
+                f"{tuple(targets.shape)}")
+    return None
+
+
+def _ignore_index(loss_fn: Any, ignore_index: int | None) -> int:
+    if ignore_index is not None:
+        return int(ignore_index)
+    own = getattr(loss_fn, "ignore_index", None)
+    return int(own) if isinstance(own, int) else -100  # PyTorch's default for cross-entropy
 
 
 def evaluate_model(
@@ -212,14 +302,24 @@ def evaluate_model(
     loss_fn: Callable[..., Tensor],
     data: Any,
     *,
-    metric: str | Callable[[Any, Tensor], Any] | None = "accuracy",
+    metric: str | Callable[[Any, Tensor], Any] | None = "auto",
+    ignore_index: int | None = None,
 ) -> Evaluation:
     """Evaluate ``model`` (in eval mode, without gradients) on ``data``.
 
+    Batches are weighted as the core weights them (:func:`curvature.batch_weight` with the loss's
+    normalizer), so the loss equals that of all batches concatenated into one, also for padded
+    token batches; a fully padded batch (weight 0) contributes nothing.
+
     Args:
         model, loss_fn, data: as for :class:`curvature.Hessian`.
-        metric: ``"accuracy"`` (arg-max over the last output dimension), ``None`` (loss only),
-            or a callable ``metric(outputs, targets)`` returning a batch mean.
+        metric: ``"auto"`` (default: accuracy where it applies: integer class targets and class
+            scores over the outputs' last axis; else none), ``"accuracy"`` (the same, and
+            :class:`MetricNotApplicableError` where it does not apply, e.g. a regression),
+            ``None`` (loss only), or a callable ``metric(outputs, targets)`` returning a
+            per-sample batch mean (averaged over samples).
+        ignore_index: targets left out of the accuracy (default: the loss's ``ignore_index``,
+            else PyTorch's -100).
 
     Example:
         >>> m = nn.Linear(2, 2)
@@ -227,26 +327,48 @@ def evaluate_model(
         >>> ev.num_samples, 0.0 <= ev.accuracy <= 1.0
         (4, True)
     """
-    if metric is not None and metric != "accuracy" and not callable(metric):
-        raise ValueError(f"metric must be 'accuracy', None or a callable, got {metric!r}")
+    from ._batches import loss_batches
+
+    if metric is not None and metric not in EVALUATION_METRICS and not callable(metric):
+        raise ValueError(f"metric must be 'auto', 'accuracy', None or a callable, got {metric!r}")
     check_calibration_data(data)
-    reduction = getattr(loss_fn, "reduction", "mean")
-    total_loss, total_metric, correct, count = 0.0, 0.0, 0, 0
-    with torch.no_grad(), eval_mode(model):
-        for inputs, targets in iterate_batches(data):
-            out = call_model(model, inputs)
-            n = _num_samples(inputs, targets)
-            loss = float(loss_fn(out, targets))
-            total_loss += loss * n if reduction == "mean" else loss
-            if metric == "accuracy":
-                correct += int((out.argmax(dim=-1) == targets).sum())
+    ignored = _ignore_index(loss_fn, ignore_index)
+    total_loss, total_weight, total_metric, count = 0.0, 0.0, 0.0, 0
+    hits, predictions = 0, 0
+    accuracy_off: str | None = None  # why accuracy does not apply
+    with torch.no_grad(), eval_mode(model), loss_batches(model, loss_fn, data) as (source, forward, reduction):
+        for batch in source:
+            out = forward(batch.inputs)
+            targets, n = batch.targets, batch.num_samples
+            if batch.weight != 0:  # a fully padded batch's mean loss is 0/0: it weighs nothing
+                loss = float(loss_fn(out, targets))
+                total_loss += batch.weight * loss
+                total_weight += batch.weight
+            if metric in EVALUATION_METRICS and accuracy_off is None:
+                accuracy_off = _accuracy_applies(out, targets)
+                if accuracy_off is None:
+                    valid = targets != ignored
+                    hits += int(((out.argmax(dim=-1) == targets) & valid).sum())
+                    predictions += int(valid.sum())
             elif callable(metric):
                 total_metric += float(metric(out, targets)) * n
             count += n
     if count == 0:
         raise ValueError("data is empty: the calibration data must hold at least one sample")
-    loss = total_loss / count if reduction == "mean" else total_loss
-    acc = correct / count if metric == "accuracy" else None
+    if reduction == "mean":
+        if total_weight == 0:
+            raise ValueError("every target of data is ignored: the mean loss has no target to average")
+        loss_value = total_loss / total_weight
+    else:
+        loss_value = total_loss
+    acc: float | None = None
+    if metric == "accuracy" and accuracy_off is not None:
+        raise MetricNotApplicableError(f"accuracy does not apply: {accuracy_off}; pass metric=None or a callable")
+    if metric in EVALUATION_METRICS and accuracy_off is None:
+        if predictions == 0:
+            if metric == "accuracy":
+                raise MetricNotApplicableError("accuracy: every target is ignore_index; no prediction to count")
+        else:
+            acc = hits / predictions
     value = total_metric / count if callable(metric) else None
-    return Evaluation(loss, acc, value, count)
-
+    return Evaluation(loss_value, acc, value, count, predictions if acc is not None else None)

@@ -12,13 +12,79 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .layers import Evaluation, evaluate_model, quantizable_layers
+from .layers import Evaluation, channel_axis, evaluate_model, quantizable_layers
 from .quantizers import check_bits, quantize_weight
 
-__all__ = ["BitPlan", "SCHEMA_VERSION"]
+__all__ = ["BitPlan", "SCHEMA_VERSION", "PlanFileError"]
 
 #: Version of the JSON layout written by :meth:`BitPlan.to_json`.
 SCHEMA_VERSION = 1
+
+
+class PlanFileError(ValueError):
+    """A bit-plan file (or dictionary) does not follow the schema: the message names the key."""
+
+
+#: The schema: required and optional top-level keys.
+_REQUIRED = ("schema_version", "bits", "size_bytes", "bops", "omega")
+_OPTIONAL = ("omega_per_layer", "metric", "method", "quantizer", "activation_bits")
+_QUANTIZER_KEYS = ("symmetric", "per_channel")
+_PLAN_METRICS = ("trace", "eigenvalue")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_integer(x: Any) -> bool:
+    return (isinstance(x, int) and not isinstance(x, bool)) or (isinstance(x, float) and x.is_integer())
+
+
+def _check_payload(payload: Any) -> None:
+    """Raise :class:`PlanFileError` naming the first key that breaks schema version 1."""
+    if not isinstance(payload, Mapping):
+        raise PlanFileError(f"a bit plan must be a JSON object, got {type(payload).__name__}")
+    version = payload.get("schema_version")
+    if version != SCHEMA_VERSION or isinstance(version, bool):
+        raise PlanFileError(f"unsupported bit-plan schema_version {version!r}; this reader knows {SCHEMA_VERSION}")
+    missing = [k for k in _REQUIRED if k not in payload]
+    if missing:
+        raise PlanFileError(f"bit plan is missing keys {missing}")
+    unknown = sorted(set(map(str, payload)) - set(_REQUIRED) - set(_OPTIONAL))
+    if unknown:
+        known = list(_REQUIRED + _OPTIONAL)
+        raise PlanFileError(f"bit plan has unknown keys {unknown}; schema version 1 knows {known}")
+    bits = payload["bits"]
+    if not isinstance(bits, Mapping) or not bits:
+        raise PlanFileError(f"'bits' must be a non-empty object layer -> integer, got {bits!r}")
+    for name, b in bits.items():
+        if not isinstance(name, str) or not _is_integer(b) or not 1 <= b <= 32:
+            raise PlanFileError(f"'bits'[{name!r}] must be an integer in 1..32, got {b!r}")
+    for key in ("size_bytes", "bops", "omega"):
+        if not _is_number(payload[key]):
+            raise PlanFileError(f"{key!r} must be a number, got {payload[key]!r}")
+    per_layer = payload.get("omega_per_layer", {})
+    if not isinstance(per_layer, Mapping) or not all(_is_number(v) for v in per_layer.values()):
+        raise PlanFileError(f"'omega_per_layer' must be an object layer -> number, got {per_layer!r}")
+    stray = sorted(set(per_layer) - set(bits))
+    if stray:
+        raise PlanFileError(f"'omega_per_layer' names layers not in 'bits': {stray}")
+    if "metric" in payload and payload["metric"] not in _PLAN_METRICS:
+        raise PlanFileError(f"'metric' must be one of {_PLAN_METRICS}, got {payload['metric']!r}")
+    if "method" in payload and not isinstance(payload["method"], str):
+        raise PlanFileError(f"'method' must be a string, got {payload['method']!r}")
+    quantizer = payload.get("quantizer", {})
+    if not isinstance(quantizer, Mapping):
+        raise PlanFileError(f"'quantizer' must be an object with booleans {list(_QUANTIZER_KEYS)}, got {quantizer!r}")
+    odd = sorted(set(map(str, quantizer)) - set(_QUANTIZER_KEYS))
+    if odd:
+        raise PlanFileError(f"'quantizer' has unknown keys {odd}; it knows {list(_QUANTIZER_KEYS)}")
+    for key in _QUANTIZER_KEYS:
+        if key in quantizer and not isinstance(quantizer[key], bool):
+            raise PlanFileError(f"'quantizer'.{key!r} must be true or false, got {quantizer[key]!r}")
+    act = payload.get("activation_bits")
+    if act is not None and not (_is_integer(act) and 1 <= act <= 32):
+        raise PlanFileError(f"'activation_bits' must be null or an integer in 1..32, got {act!r}")
 
 
 @dataclass(frozen=True)
@@ -41,9 +107,11 @@ class BitPlan:
     JSON schema, version 1 (:meth:`to_json`): an object with ``"schema_version": 1``,
     ``"bits"`` (object: layer name -> integer 1..32), ``"size_bytes"`` (number), ``"bops"``
     (number), ``"omega"`` (number), ``"omega_per_layer"`` (object: layer -> number),
-    ``"metric"``, ``"method"`` (strings), ``"quantizer"`` (object with booleans ``"symmetric"``
-    and ``"per_channel"``), ``"activation_bits"`` (integer or null). Readers reject other
-    versions; later versions only add keys.
+    ``"metric"`` (``"trace"`` or ``"eigenvalue"``), ``"method"`` (string), ``"quantizer"``
+    (object with booleans ``"symmetric"`` and ``"per_channel"``), ``"activation_bits"``
+    (integer 1..32 or null). :meth:`from_dict` checks every value's type and range and refuses
+    unknown keys, with a :class:`PlanFileError` naming the key (never a coercion: ``"false"``
+    is not a boolean). Readers reject other versions; later versions only add keys.
 
     Example:
         >>> plan = BitPlan({"0": 8, "2": 4}, size_bytes=100.0, bops=0.0, omega=0.1,
@@ -75,6 +143,9 @@ class BitPlan:
             bits[name] = check_bits(int(b) if isinstance(b, float) and b.is_integer() else b, name=f"bits[{name!r}]")
         if self.activation_bits is not None:
             check_bits(self.activation_bits, name="activation_bits")
+        for key in ("symmetric", "per_channel"):
+            if not isinstance(getattr(self, key), bool):
+                raise TypeError(f"{key} must be a bool, got {getattr(self, key)!r}")
         unknown = set(self.omega_per_layer) - set(bits)
         if unknown:
             raise ValueError(f"omega_per_layer names layers not in bits: {sorted(unknown)}")
@@ -131,26 +202,31 @@ class BitPlan:
 
     @classmethod
     def from_dict(cls, payload: Mapping[str, Any]) -> BitPlan:
-        """Rebuild a plan from :meth:`to_dict`'s output, checking the schema version."""
-        if not isinstance(payload, Mapping):
-            raise TypeError(f"a bit plan must be a JSON object, got {type(payload).__name__}")
-        version = payload.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise ValueError(f"unsupported bit-plan schema_version {version!r}; this reader knows {SCHEMA_VERSION}")
-        missing = [k for k in ("bits", "size_bytes", "bops", "omega") if k not in payload]
-        if missing:
-            raise ValueError(f"bit plan is missing keys {missing}")
+        """Rebuild a plan from :meth:`to_dict`'s output, validated against the schema.
+
+        Raises:
+            PlanFileError: (a ``ValueError``) naming the key whose value breaks the schema.
+
+        Example:
+            >>> BitPlan.from_dict({"schema_version": 1, "bits": {"fc": 4}, "size_bytes": 2,
+            ...                    "bops": 0, "omega": 0, "quantizer": {"symmetric": "false"}})
+            Traceback (most recent call last):
+            ...
+            quant.plan.PlanFileError: 'quantizer'.'symmetric' must be true or false, got 'false'
+        """
+        _check_payload(payload)
         quantizer = payload.get("quantizer", {})
+        act = payload.get("activation_bits")
         return cls(
-            bits=payload["bits"],
+            bits={k: int(v) for k, v in payload["bits"].items()},
             size_bytes=payload["size_bytes"],
             bops=payload["bops"],
             omega=payload["omega"],
             omega_per_layer=payload.get("omega_per_layer", {}),
             metric=payload.get("metric", "trace"),
-            symmetric=bool(quantizer.get("symmetric", True)),
-            per_channel=bool(quantizer.get("per_channel", True)),
-            activation_bits=payload.get("activation_bits"),
+            symmetric=quantizer.get("symmetric", True),
+            per_channel=quantizer.get("per_channel", True),
+            activation_bits=None if act is None else int(act),
             method=payload.get("method", "manual"),
         )
 
@@ -164,7 +240,11 @@ class BitPlan:
     def from_json(cls, path: str | os.PathLike) -> BitPlan:
         """Read a plan written by :meth:`to_json`."""
         with open(path) as f:
-            return cls.from_dict(json.load(f))
+            try:
+                payload = json.load(f)
+            except json.JSONDecodeError as e:
+                raise PlanFileError(f"{os.fspath(path)!r} is not JSON: {e}") from None
+        return cls.from_dict(payload)
 
     # -- use ----------------------------------------------------------------------------------
     def quantized_weights(self, model: nn.Module) -> dict[str, Tensor]:
@@ -172,7 +252,7 @@ class BitPlan:
         layers = quantizable_layers(model, list(self.bits))
         return {
             name: quantize_weight(m.weight.detach(), self.bits[name], symmetric=self.symmetric,
-                                  per_channel=self.per_channel)
+                                  per_channel=self.per_channel, channel_axis=channel_axis(m))
             for name, m in layers.items()
         }
 
@@ -195,10 +275,11 @@ class BitPlan:
         loss_fn: Callable[..., Tensor],
         data: Any,
         *,
-        metric: str | Callable[[Any, Tensor], Any] | None = "accuracy",
+        metric: str | Callable[[Any, Tensor], Any] | None = "auto",
+        ignore_index: int | None = None,
     ) -> Evaluation:
         """Loss and accuracy (or ``metric``) of the quantized copy of ``model`` on ``data``.
 
-        See :func:`quant.evaluate_model` for ``metric``.
+        See :func:`quant.evaluate_model` for ``metric`` and ``ignore_index``.
         """
-        return evaluate_model(self.apply(model), loss_fn, data, metric=metric)
+        return evaluate_model(self.apply(model), loss_fn, data, metric=metric, ignore_index=ignore_index)

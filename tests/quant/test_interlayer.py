@@ -80,3 +80,26 @@ def test_search_plan_meets_loss_budget_by_bisection():
         quant.search_plan(model, LOSS, data, sens, max_loss_increase=-1.0, bit_choices=(2, 4, 8))
     acc = quant.search_plan(model, LOSS, data, sens, max_accuracy_drop=0.0, bit_choices=(2, 4, 8))
     assert acc.measured.accuracy >= acc.baseline.accuracy
+
+
+# --- issue 21 item 7: the gradient is weighted by the loss's normalizer, as the Hessian is ------
+from tests.cases import full_batch_gradient, problem, problems  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "p", problems(models=["mlp", "tied_lm"], layouts=["single_batch", "uneven", "fully_padded", "shuffled"]), ids=str
+)
+def test_predictor_gradient_is_the_gradient_of_the_concatenated_batch(p):
+    with quant.LossChangePredictor(p.model, p.loss_fn, p.data) as pred:
+        params = pred.hessian.params
+        truth = full_batch_gradient(p.model, p.loss_fn, p.batches, params=params)
+        torch.testing.assert_close(pred.gradient, truth.to(torch.float64), rtol=1e-10, atol=1e-12)
+
+
+def test_linear_term_on_padded_token_batches():
+    p = problem("tied_lm", "token_ce", "uneven")  # 5, 1 and 7 valid tokens
+    plan = quant.BitPlan({"embed": 2, "mix": 2}, size_bytes=0, bops=0, omega=0)
+    with quant.LossChangePredictor(p.model, p.loss_fn, p.data) as pred:
+        delta = pred.hessian.flatten(pred.perturbation(plan))
+        truth = float(full_batch_gradient(p.model, p.loss_fn, p.batches, params=pred.hessian.params) @ delta)
+        assert pred.predict(plan).linear == pytest.approx(truth, rel=1e-10)
