@@ -20,16 +20,12 @@ Example:
 
 from .allocation import (
     ALLOCATION_METHODS,
-    InfeasibleBudgetError,
     LayerCosts,
     allocate_bits,
-    dp_frontier,
     layer_costs,
     make_plan,
     pareto_frontier,
     sample_plans,
-    solve_dp,
-    solve_ilp,
 )
 from .interlayer import (
     LossChangePrediction,
@@ -59,12 +55,14 @@ from .quantizers import (
     quantize_weight,
 )
 from .sensitivity import SENSITIVITY_METRICS, LayerSensitivity, sensitivity
+from .solvers import FrontierTooLargeError, InfeasibleBudgetError
 
 __all__ = [
     "ALLOCATION_METHODS",
     "ActivationQuantizer",
     "BitPlan",
     "Evaluation",
+    "FrontierTooLargeError",
     "InfeasibleBudgetError",
     "LayerCosts",
     "LayerSensitivity",
@@ -79,7 +77,6 @@ __all__ = [
     "SENSITIVITY_METRICS",
     "allocate_bits",
     "channel_axis",
-    "dp_frontier",
     "evaluate_model",
     "fold_batchnorm",
     "is_quantizable",
@@ -97,6 +94,4 @@ __all__ = [
     "sample_plans",
     "search_plan",
     "sensitivity",
-    "solve_dp",
-    "solve_ilp",
 ]

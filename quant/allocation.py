@@ -1,11 +1,12 @@
-"""Bit allocation under resource budgets: HAWQ-V2's exact Pareto DP and HAWQ-V3's ILP.
+"""The model-facing bit planner: per-layer costs, plans, budgets, ties and fixed layers.
 
-Both minimise ``Ω(b) = Σ_i Ω_i(b_i)`` with ``Ω_i(b) = score_i · ‖Q_b(W_i) − W_i‖²`` over one
+The arrays it builds are solved by :mod:`quant.solvers` (pure, model-free). Both methods minimise
+``Ω(b) = Σ_i Ω_i(b_i)`` with ``Ω_i(b) = score_i · ‖Q_b(W_i) − W_i‖²`` over one
 bit-width per layer:
 
-* ``method="pareto"`` (Dong et al. 2020): the multiple-choice knapsack solved exactly by dynamic
-  programming over integer costs (size in bits, or BOPs), which also yields the whole
-  (size, Ω) Pareto frontier.
+* ``method="pareto"`` (Dong et al. 2020): the multiple-choice knapsack solved exactly by a sparse
+  dynamic programme over reachable costs (size in bits, or BOPs; see
+  :func:`quant.solvers.knapsack_frontier`), which also yields the whole (size, Ω) Pareto frontier.
 * ``method="ilp"`` (Yao et al. 2021): a 0/1 integer program with one-hot variables per
   (layer, choice), any of size / BOPs / latency constraints and tied layers, solved by
   ``scipy.optimize.milp`` (HiGHS).
@@ -13,7 +14,6 @@ bit-width per layer:
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from functools import reduce
@@ -23,196 +23,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from .layers import quantizable_layers
+from .layers import channel_axis, quantizable_layers
 from .plan import BitPlan
 from .quantizers import check_bits, perturbation_norm_sq
 from .sensitivity import LayerSensitivity
+from .solvers import DEFAULT_MAX_POINTS, InfeasibleBudgetError, knapsack_frontier, solve_ilp, solve_knapsack
 
 __all__ = [
-    "InfeasibleBudgetError",
     "LayerCosts",
     "layer_costs",
     "make_plan",
     "allocate_bits",
     "pareto_frontier",
     "sample_plans",
-    "solve_dp",
-    "dp_frontier",
-    "solve_ilp",
     "ALLOCATION_METHODS",
 ]
 
-logger = logging.getLogger(__name__)
-
 ALLOCATION_METHODS = ("ilp", "pareto")
-
-#: Most cells of the DP table before costs are coarsened (memory: layers × cells bytes).
-DEFAULT_MAX_CELLS = 2_000_000
-
-
-class InfeasibleBudgetError(ValueError):
-    """No bit assignment meets the budget (the message states the smallest achievable value)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Array-level solvers
-# ----------------------------------------------------------------------------------------------
-def _check_instance(
-    costs: Sequence[Sequence[int]], omegas: Sequence[Sequence[float]]
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    if len(costs) != len(omegas) or not costs:
-        raise ValueError("costs and omegas must be non-empty and have one entry per layer")
-    c_out, w_out = [], []
-    for i, (c, w) in enumerate(zip(costs, omegas)):
-        c, w = np.asarray(c), np.asarray(w, dtype=np.float64)
-        if c.ndim != 1 or c.shape != w.shape or c.size == 0:
-            raise ValueError(f"layer {i}: costs and omegas must be equal-length non-empty 1-d sequences")
-        if not np.issubdtype(c.dtype, np.integer) or (c < 0).any():
-            raise ValueError(f"layer {i}: costs must be non-negative integers")
-        c_out.append(c.astype(np.int64))
-        w_out.append(w)
-    return c_out, w_out
-
-
-def _dp_table(costs: list[np.ndarray], omegas: list[np.ndarray], capacity: int) -> tuple[np.ndarray, np.ndarray]:
-    """``best[c]``: least Ω of a full assignment with total cost exactly ``c`` (``inf`` if none),
-    and ``arg[i, c]``: layer ``i``'s choice on the optimal path to cost ``c`` after layer ``i``."""
-    best = np.full(capacity + 1, np.inf)
-    best[0] = 0.0
-    arg = np.full((len(costs), capacity + 1), -1, dtype=np.int16)
-    for i, (c_i, w_i) in enumerate(zip(costs, omegas)):
-        new = np.full(capacity + 1, np.inf)
-        for k, (c, w) in enumerate(zip(c_i.tolist(), w_i.tolist())):
-            if c > capacity:
-                continue
-            cand = best[: capacity + 1 - c] + w
-            view = new[c:]
-            better = cand < view
-            view[better] = cand[better]
-            arg[i, c:][better] = k
-        best = new
-    return best, arg
-
-
-def _backtrack(costs: list[np.ndarray], arg: np.ndarray, cell: int) -> tuple[int, ...]:
-    choices = [0] * len(costs)
-    for i in range(len(costs) - 1, -1, -1):
-        k = int(arg[i, cell])
-        choices[i] = k
-        cell -= int(costs[i][k])
-    return tuple(choices)
-
-
-def solve_dp(
-    costs: Sequence[Sequence[int]], omegas: Sequence[Sequence[float]], budget: int
-) -> tuple[tuple[int, ...], float]:
-    """Exact multiple-choice knapsack: one choice per layer, total cost ``<= budget``, least Ω.
-
-    Returns ``(choice index per layer, objective)``; raises :class:`InfeasibleBudgetError` when
-    even the cheapest choices exceed ``budget``. Cost ``O(layers · choices · budget)``.
-
-    Example:
-        >>> solve_dp([[1, 2], [1, 2]], [[5.0, 1.0], [3.0, 2.0]], budget=3)
-        ((1, 0), 4.0)
-    """
-    c, w = _check_instance(costs, omegas)
-    minimum = int(sum(ci.min() for ci in c))
-    if budget < minimum:
-        raise InfeasibleBudgetError(f"budget {budget} is below the smallest achievable cost {minimum}")
-    capacity = min(int(budget), int(sum(ci.max() for ci in c)))
-    best, arg = _dp_table(c, w, capacity)
-    cell = int(np.argmin(best))  # first minimum: the cheapest of equally good assignments
-    return _backtrack(c, arg, cell), float(best[cell])
-
-
-def dp_frontier(
-    costs: Sequence[Sequence[int]], omegas: Sequence[Sequence[float]]
-) -> list[tuple[int, float, tuple[int, ...]]]:
-    """The exact (cost, Ω) Pareto frontier: ``[(cost, Ω, choices), ...]`` by increasing cost,
-    Ω strictly decreasing (every assignment is dominated by or equal to one of these).
-
-    Example:
-        >>> [(c, w) for c, w, _ in dp_frontier([[1, 2], [1, 2]], [[5.0, 1.0], [3.0, 2.0]])]
-        [(2, 8.0), (3, 4.0), (4, 3.0)]
-    """
-    c, w = _check_instance(costs, omegas)
-    capacity = int(sum(ci.max() for ci in c))
-    best, arg = _dp_table(c, w, capacity)
-    running = np.minimum.accumulate(best)
-    prev = np.concatenate([[np.inf], running[:-1]])
-    cells = np.nonzero(best < prev)[0]
-    return [(int(cell), float(best[cell]), _backtrack(c, arg, int(cell))) for cell in cells]
-
-
-def solve_ilp(
-    omegas: np.ndarray,
-    resources: Sequence[tuple[np.ndarray, float]] = (),
-    *,
-    ties: Sequence[tuple[int, int]] = (),
-    time_limit: float = 10.0,
-) -> tuple[tuple[int, ...], float]:
-    """HAWQ-V3's integer program with ``scipy.optimize.milp`` (one-hot ``x_ik``, row-major).
-
-    Args:
-        omegas: ``(L, K)`` objective ``Ω_ik``; ``inf`` marks a choice a layer does not have.
-        resources: ``(R, limit)`` pairs with ``R`` of shape ``(L, K)``: ``Σ R_ik x_ik <= limit``.
-        ties: layer index pairs ``(i, j)`` forced to the same choice.
-        time_limit: HiGHS time limit in seconds.
-
-    Returns:
-        ``(choice index per layer, objective)``. Raises :class:`InfeasibleBudgetError` when the
-        constraints cannot all be met.
-
-    Example:
-        >>> import numpy as np
-        >>> solve_ilp(np.array([[5.0, 1.0], [3.0, 2.0]]), [(np.array([[1, 2], [1, 2]]), 3)])
-        ((1, 0), 4.0)
-    """
-    from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import csr_matrix
-
-    W = np.asarray(omegas, dtype=np.float64)
-    if W.ndim != 2 or W.size == 0:
-        raise ValueError(f"omegas must be a non-empty (layers, choices) array, got shape {W.shape}")
-    L, K = W.shape
-    available = np.isfinite(W)
-    if not available.any(axis=1).all():
-        raise ValueError("every layer needs at least one available choice")
-    c = np.where(available, W, 0.0).ravel()
-    ub = available.astype(np.float64).ravel()
-    rows = np.repeat(np.arange(L), K)
-    one_hot = csr_matrix((np.ones(L * K), (rows, np.arange(L * K))), shape=(L, L * K))
-    constraints = [LinearConstraint(one_hot, 1, 1)]
-    for R, limit in resources:
-        R = np.where(available, np.asarray(R, dtype=np.float64), 0.0)
-        if R.shape != (L, K):
-            raise ValueError(f"resource table must have shape {(L, K)}, got {R.shape}")
-        constraints.append(LinearConstraint(R.ravel()[None, :], -np.inf, float(limit)))
-    if ties:
-        data, r_idx, c_idx = [], [], []
-        for t, (i, j) in enumerate(ties):
-            for k in range(K):
-                row = t * K + k
-                data += [1.0, -1.0]
-                r_idx += [row, row]
-                c_idx += [i * K + k, j * K + k]
-        A = csr_matrix((data, (r_idx, c_idx)), shape=(len(ties) * K, L * K))
-        constraints.append(LinearConstraint(A, 0, 0))
-    res = milp(
-        c, integrality=np.ones(L * K), bounds=Bounds(np.zeros(L * K), ub), constraints=constraints,
-        options={"time_limit": float(time_limit), "mip_rel_gap": 0.0},
-    )
-    if res.x is None:
-        if res.status == 2:
-            raise InfeasibleBudgetError("the integer program is infeasible: no assignment meets the budgets")
-        raise RuntimeError(f"milp failed (status {res.status}): {res.message}")
-    if res.status != 0:
-        logger.warning("milp stopped early (status %d: %s); returning its best feasible plan", res.status, res.message)
-    X = np.round(res.x).reshape(L, K)
-    if not (X.sum(axis=1) == 1).all():
-        raise RuntimeError("milp returned a solution that is not one-hot after rounding")
-    choices = tuple(int(k) for k in X.argmax(axis=1))
-    return choices, float(sum(W[i, k] for i, k in enumerate(choices)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,7 +130,8 @@ def layer_costs(
                 f"layer {name!r}: the sensitivity is for {s.num_params} weights, the model has {w.numel()}"
             )
         layer_choices = (check_bits(fixed[name], name=f"fixed[{name!r}]"),) if name in fixed else choices
-        pert = tuple(perturbation_norm_sq(w, b, symmetric=symmetric, per_channel=per_channel) for b in layer_choices)
+        pert = tuple(perturbation_norm_sq(w, b, symmetric=symmetric, per_channel=per_channel,
+                                          channel_axis=channel_axis(module)) for b in layer_choices)
         out.append(LayerCosts(
             name=name,
             num_params=w.numel(),
@@ -410,19 +238,6 @@ def _merge_groups(
     return options, size, bops, omega
 
 
-def _integer_costs(values: list[np.ndarray], max_cells: int) -> tuple[list[np.ndarray], float, bool]:
-    """Integer DP costs: divided by their gcd (exact), or coarsened upwards to ``max_cells``."""
-    ints = [np.round(v).astype(np.int64) for v in values]
-    exact_ints = all(np.allclose(i, v) for i, v in zip(ints, values))
-    g = reduce(math.gcd, (int(x) for v in ints for x in v), 0) if exact_ints else 0
-    total = sum(float(v.max()) for v in values)
-    if g > 0 and total / g <= max_cells:
-        return [i // g for i in ints], float(g), True
-    unit = max(total / max_cells, 1e-300)
-    # Rounding up keeps every DP-feasible plan within the true budget.
-    return [np.ceil(v / unit - 1e-9).astype(np.int64) for v in values], unit, False
-
-
 def _budget_message(kind: str, minimum: float, limit: float, unit: str) -> str:
     return f"{kind} budget {limit:.6g} {unit} is below the smallest achievable {kind}: {minimum:.6g} {unit}"
 
@@ -443,7 +258,7 @@ def allocate_bits(
     per_channel: bool = True,
     activation_bits: int | None = None,
     time_limit: float = 10.0,
-    max_cells: int = DEFAULT_MAX_CELLS,
+    max_points: int = DEFAULT_MAX_POINTS,
 ) -> BitPlan:
     """The bit plan of least predicted Ω within the budgets.
 
@@ -457,18 +272,19 @@ def allocate_bits(
         max_latency: budget on the summed per-layer latency from ``latency_table``
             (``{layer: {bits: latency}}``, measured on the target; ``method="ilp"`` only).
         method: ``"ilp"`` (HAWQ-V3; any combination of budgets and ties) or ``"pareto"``
-            (HAWQ-V2's exact DP; one budget, size or BOPs).
+            (HAWQ-V2's exact Pareto DP over reachable costs; one budget, size or BOPs). Both
+            are exact and return the same least Ω.
         tied: groups of layer names that must share a bit-width (e.g. residual pairs).
         fixed: ``{layer: bits}`` for layers kept out of the search (often the first and last).
         symmetric, per_channel: the weight quantizer.
         activation_bits: activation bit-width for BOPs (default: the layer's weight bits).
         time_limit: ILP time limit in seconds.
-        max_cells: DP table width; costs are divided by their gcd, and coarsened (rounded up,
-            so budgets still hold) only if the table would be wider.
+        max_points: most Pareto points the exact DP keeps (``method="pareto"``; beyond it
+            :class:`quant.solvers.FrontierTooLargeError` suggests the ILP).
 
     Raises:
         InfeasibleBudgetError: (a ``ValueError``) when a budget is below the smallest achievable
-            value, which the message states (in bytes for size).
+            value, which the message states (in bytes for size). A budget equal to it is met.
 
     Example:
         >>> m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
@@ -528,11 +344,7 @@ def allocate_bits(
         kind, limit = used[0]
         values = size if kind == "size" else bops
         budget = (float(limit) * 8 - fixed_bits) if kind == "size" else float(limit)
-        ints, unit, exact = _integer_costs([np.asarray(v, dtype=np.float64) for v in values], max_cells)
-        if not exact:
-            logger.info("pareto: costs coarsened to units of %.4g (the optimum may be missed slightly)", unit)
-        cell_budget = int(math.floor(budget / unit + 1e-9))
-        group_choice, _ = solve_dp(ints, omega, cell_budget)
+        group_choice, _ = solve_knapsack(values, omega, budget, max_points=max_points)
     else:
         L, K = len(groups), max(len(o) for o in options)
         W = np.full((L, K), np.inf)
@@ -566,11 +378,12 @@ def pareto_frontier(
     symmetric: bool = True,
     per_channel: bool = True,
     activation_bits: int | None = None,
-    max_cells: int = DEFAULT_MAX_CELLS,
+    max_points: int = DEFAULT_MAX_POINTS,
 ) -> list[BitPlan]:
     """HAWQ-V2's Pareto frontier: every plan not dominated in (size or BOPs, Ω), by increasing cost.
 
-    Exact (DP over integer costs, see :func:`allocate_bits`). Ω strictly decreases along it.
+    Exact (:func:`quant.solvers.knapsack_frontier`, a DP over reachable costs: no rounding of
+    sizes). Ω strictly decreases along it.
 
     Example:
         >>> m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
@@ -589,23 +402,16 @@ def pareto_frontier(
     groups = _groups(names, tied)
     options, size, bops, omega = _merge_groups(costs, groups)
     values = size if cost == "size" else bops
-    ints, _, _ = _integer_costs([np.asarray(v, dtype=np.float64) for v in values], max_cells)
     common = dict(metric=_metric_of(sensitivities), symmetric=symmetric, per_channel=per_channel,
                   activation_bits=activation_bits)
     plans = []
-    for _, _, group_choice in dp_frontier(ints, omega):
+    for _, _, group_choice in knapsack_frontier(values, omega, max_points=max_points):
         choices = [0] * len(costs)
         for g, opts, k in zip(groups, options, group_choice):
             for i, ki in zip(g, opts[k]):
                 choices[i] = ki
         plans.append(_plan_from_choices(costs, choices, fixed_bits, method="pareto", **common))
-    # Coarsened costs can reorder near-equal sizes; keep the true non-dominated set.
-    plans.sort(key=lambda p: (p.size_bytes if cost == "size" else p.bops, p.omega))
-    out: list[BitPlan] = []
-    for p in plans:
-        if not out or p.omega < out[-1].omega:
-            out.append(p)
-    return out
+    return plans
 
 
 def sample_plans(

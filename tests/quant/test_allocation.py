@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import quant
-from quant import LayerSensitivity
+from quant import LayerSensitivity, solvers
 
 
 def brute_force(costs, omegas, budget):
@@ -35,9 +35,9 @@ def test_dp_and_ilp_match_brute_force(seed):
     lo, hi = sum(int(c.min()) for c in costs), sum(int(c.max()) for c in costs)
     for budget in sorted({lo, (lo + hi) // 2, int(rng.integers(lo, hi + 1)), hi}):
         _, expected = brute_force(costs, omegas, budget)
-        dp_choice, dp_value = quant.solve_dp(costs, omegas, budget)
+        dp_choice, dp_value = solvers.solve_knapsack(costs, omegas, budget)
         W = np.array(omegas)
-        ilp_choice, ilp_value = quant.solve_ilp(W, [(np.array(costs), budget)])
+        ilp_choice, ilp_value = solvers.solve_ilp(W, [(np.array(costs), budget)])
         assert abs(dp_value - expected) < 1e-12 and abs(ilp_value - expected) < 1e-12
         for choice in (dp_choice, ilp_choice):
             assert sum(c[k] for c, k in zip(costs, choice)) <= budget
@@ -48,7 +48,7 @@ def test_dp_and_ilp_match_brute_force(seed):
 def test_dp_frontier_is_the_exact_pareto_set(seed):
     rng = np.random.default_rng(100 + seed)
     costs, omegas = random_instance(rng, int(rng.integers(2, 7)), 3)
-    frontier = quant.dp_frontier(costs, omegas)
+    frontier = solvers.knapsack_frontier(costs, omegas)
     points = []
     for choice in itertools.product(*[range(len(c)) for c in costs]):
         points.append((sum(c[k] for c, k in zip(costs, choice)), sum(w[k] for w, k in zip(omegas, choice))))
@@ -71,11 +71,11 @@ def test_ilp_ties_are_respected_and_infeasible_is_reported():
     rng = np.random.default_rng(7)
     W = rng.random((6, 3))
     size = np.tile([2.0, 4.0, 8.0], (6, 1))
-    choice, _ = quant.solve_ilp(W, [(size, 30.0)], ties=[(0, 3), (1, 5)])
+    choice, _ = solvers.solve_ilp(W, [(size, 30.0)], ties=[(0, 3), (1, 5)])
     assert choice[0] == choice[3] and choice[1] == choice[5]
     assert sum(size[i, k] for i, k in enumerate(choice)) <= 30
     with pytest.raises(quant.InfeasibleBudgetError):
-        quant.solve_ilp(W, [(size, 11.0)])
+        solvers.solve_ilp(W, [(size, 11.0)])
 
 
 def test_ilp_50_layers_4_choices_is_fast():
@@ -85,7 +85,7 @@ def test_ilp_50_layers_4_choices_is_fast():
     size = n[:, None] * bits[None, :] / 8.0
     W = (rng.random(50)[:, None] * n[:, None]) * 4.0 ** (-bits[None, :])
     start = time.perf_counter()
-    choice, _ = quant.solve_ilp(W, [(size, 0.5 * size.sum(axis=0)[[0, 3]].sum())])
+    choice, _ = solvers.solve_ilp(W, [(size, 0.5 * size.sum(axis=0)[[0, 3]].sum())])
     assert time.perf_counter() - start < 5.0  # the bench measures the < 1 s target; this guards regressions
     assert len(choice) == 50
 

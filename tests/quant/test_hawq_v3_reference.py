@@ -8,7 +8,7 @@ downsample convs tied to main-path layers (4, 6), (9, 11), (14, 16); budgets
 import numpy as np
 import pytest
 
-import quant
+from quant import solvers
 
 TRACE = np.array([0.06857826, 0.03162379, 0.03298575, 0.01205663, 0.02222431, 0.00596336, 0.06931772, 0.00807129,
                   0.00372905, 0.00530698, 0.00209011, 0.00737569, 0.00210454, 0.00151197, 0.00158041, 0.00078146,
@@ -37,7 +37,7 @@ def limit(table, alpha):
 ])
 def test_size_constrained_ilp_reproduces_reference(alpha, bits, objective):
     size = np.stack([PARAMS * 4 / 8, PARAMS * 8 / 8], axis=1)
-    choice, value = quant.solve_ilp(OMEGA, [(size, limit(size, alpha))], ties=TIES)
+    choice, value = solvers.solve_ilp(OMEGA, [(size, limit(size, alpha))], ties=TIES)
     assert [(4, 8)[k] for k in choice] == bits
     assert value == pytest.approx(objective, abs=1e-4)
     for i, j in TIES:
@@ -46,6 +46,6 @@ def test_size_constrained_ilp_reproduces_reference(alpha, bits, objective):
 
 def test_bops_constrained_ilp_reproduces_reference():
     bops = np.stack([BOPS / 64, BOPS / 16], axis=1)
-    choice, value = quant.solve_ilp(OMEGA, [(bops, limit(bops, 0.5))], ties=TIES)
+    choice, value = solvers.solve_ilp(OMEGA, [(bops, limit(bops, 0.5))], ties=TIES)
     assert value == pytest.approx(0.2157, abs=1e-4)
     assert sum(bops[i, k] for i, k in enumerate(choice)) <= limit(bops, 0.5)
