@@ -1,4 +1,22 @@
-"""HAWQ layer sensitivities: V2's average Hessian trace and V1's top Hessian eigenvalue per layer."""
+"""HAWQ layer sensitivities: V2's average Hessian trace and V1's top Hessian eigenvalue per layer.
+
+THE definition of the HAWQ-V2 sensitivity in this toolkit (the report, the ``quantize`` command and
+the bit planners all read it from :func:`sensitivity`; nothing else computes one):
+
+* **Parameters**: the layer's ``weight`` only, the tensor that is quantized (biases, norms and
+  other parameters stay in floating point and are not part of it). A weight tied between modules
+  (an embedding and an LM head) is one layer, listed under the first module holding it.
+* **Hessian**: ``H_ii``, the diagonal block of the weight in the Hessian of the DATA SET's loss
+  (batches weighted by the loss's normalizer, the core's :func:`curvature.batch_weight`, as if
+  all batches were one), with the model in eval mode and every other parameter held fixed.
+* **Normalization**: ``score_i = Tr(H_ii) / n_i`` with ``n_i = weight.numel()`` (Dong et al.
+  2020, the "average Hessian trace"); ``Ω_i(b) = score_i · ‖Q_b(W_i) − W_i‖²``.
+* **Estimator**: Hutchinson with Rademacher probes (default 100), by default one shared set of
+  probes over all layers' weights (unbiased; cross-block terms add variance), or one
+  block-restricted set per layer (``probes="per_layer"``). The estimate always comes with its
+  standard error, :attr:`LayerSensitivity.score_stderr` (the sample standard deviation of the
+  per-probe values over ``sqrt(probes)``, divided by ``n_i``): show ``score ± score_stderr``.
+"""
 
 from __future__ import annotations
 
@@ -80,8 +98,13 @@ class LayerSensitivity:
             return float(self.trace_stderr) / self.num_params  # type: ignore[arg-type]
         return float(self.eigenvalue_residual)  # type: ignore[arg-type]
 
+    @property
+    def average_trace_stderr(self) -> float | None:
+        """Standard error of :attr:`average_trace` (``trace_stderr / n_i``)."""
+        return None if self.trace_stderr is None else self.trace_stderr / self.num_params
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "score": self.score}
+        return {**asdict(self), "score": self.score, "score_stderr": self.score_stderr}
 
 
 def sensitivity(
@@ -100,6 +123,10 @@ def sensitivity(
     operator: Any = None,
 ) -> dict[str, LayerSensitivity]:
     """Per-layer HAWQ sensitivities of the loss of ``model`` over the calibration ``data``.
+
+    This is the toolkit's one definition of the HAWQ-V2 sensitivity (see the module docstring:
+    weights only, ``Tr(H_ii)/n_i`` of the data set's loss in eval mode, Hutchinson with its
+    standard error); read ``s.score ± s.score_stderr`` of each returned layer.
 
     The model is put in eval mode for the calibration (fixed BatchNorm statistics, no dropout)
     and its modes are restored afterwards. Only the quantized weights are differentiated.

@@ -137,3 +137,34 @@ def test_a_given_operator_replaces_the_built_hessian():
     with pytest.raises(ValueError, match="operator has no block"):
         quant.sensitivity(model, loss_fn, (x, y), num_matvecs=4,
                           operator=Hessian(model, loss_fn, (x, y), params=weights[:1]))
+
+
+# --- one definition (issue 21): weights only, Tr(H_ii)/n_i of the data set's loss, with its error ----
+from tests.cases import full_batch_loss, problems  # noqa: E402
+
+
+def dense_block_traces(p, weights):
+    """Tr(H_ii) of the full-batch loss for each weight, by autograd (float64)."""
+    out = {}
+    for name, w in weights.items():
+        g = torch.autograd.grad(full_batch_loss(p.model, p.loss_fn, p.batches), w, create_graph=True)[0].reshape(-1)
+        rows = (torch.autograd.grad(g[k], w, retain_graph=True)[0].reshape(-1) for k in range(g.numel()))
+        out[name] = sum(float(row[k]) for k, row in enumerate(rows))
+    return out
+
+
+@pytest.mark.parametrize(
+    "p", problems(models=["mlp", "tied_lm", "called_twice"], losses=["ce_weighted", "ce_ignore_index", "token_ce"],
+                  layouts=["uneven"]), ids=str,
+)
+def test_the_definition_over_the_case_registry(p):
+    layers = quant.quantizable_layers(p.model)
+    truth = dense_block_traces(p, {n: m.weight for n, m in layers.items()})
+    sens = quant.sensitivity(p.model, p.loss_fn, p.data, num_matvecs=500, probes="per_layer",
+                             generator=torch.Generator().manual_seed(0))
+    for name, s in sens.items():
+        n = layers[name].weight.numel()
+        assert s.num_params == n  # the weight only, no bias
+        assert s.score_stderr == pytest.approx(s.trace_stderr / n) and s.score_stderr > 0
+        assert abs(s.score - truth[name] / n) < 4 * s.score_stderr + 1e-12, (name, s.score, truth[name] / n)
+        assert s.to_dict()["score_stderr"] == s.score_stderr
