@@ -1,9 +1,54 @@
 """quant: HAWQ-style Hessian-aware mixed-precision bit plans.
 
-Sensitivities (HAWQ-V1 top eigenvalue, HAWQ-V2 average trace from shared probes), uniform fake
-quantizers, bit allocation under size/BOPs/latency budgets (exact Pareto DP and the HAWQ-V3 ILP),
-versioned JSON plans that apply to and evaluate on a model, and inter-layer second-order loss
-prediction with a bisection plan search (Schaefer et al. 2023).
+Sensitivities (HAWQ-V1 top eigenvalue, HAWQ-V2 average trace), uniform fake quantizers, bit
+allocation under size/BOPs/latency budgets (exact Pareto DP and the HAWQ-V3 ILP), versioned JSON
+plans that apply to and evaluate on a model, and inter-layer second-order loss prediction with a
+bisection plan search (Schaefer et al. 2023). User guide: ``docs/quantization.md``.
+
+Sensitivities
+=============
+- :func:`sensitivity` -- per-layer HAWQ sensitivities; THE definition of the HAWQ-V2 one
+  (weights only, ``Tr(H_ii)/n_i`` of the data set's loss, with its standard error)
+- :class:`LayerSensitivity` -- one layer's sensitivity (``score ± score_stderr``)
+- :data:`SENSITIVITY_METRICS` -- ``"trace"`` (V2), ``"eigenvalue"`` (V1)
+
+Layers, costs and evaluation
+============================
+- :func:`quantizable_layers`, :func:`is_quantizable`, :data:`QUANTIZABLE_TYPES` -- which
+  weights are quantized (Linear, Conv, Embedding, Hugging Face Conv1D)
+- :func:`channel_axis` -- a layer's output-channel axis (per-channel scales)
+- :func:`layer_macs` -- multiply-accumulates per sample (every call, tied heads included)
+- :func:`evaluate_model`, :class:`Evaluation`, :class:`MetricNotApplicableError` -- loss
+  (batches weighted by the loss's normalizer) and accuracy (a fraction of predictions)
+
+Quantizers
+==========
+- :func:`quantize`, :func:`quantize_weight`, :class:`QuantizedTensor` -- uniform quantization
+- :func:`perturbation_norm_sq` -- ``‖Q_b(W) − W‖²``
+- :class:`ActivationQuantizer`, :func:`fold_batchnorm`
+
+Bit allocation
+==============
+- :func:`allocate_bits` -- least-Ω plan within budgets (``method="ilp"`` or exact ``"pareto"``)
+- :func:`pareto_frontier` -- HAWQ-V2's exact (size or BOPs, Ω) frontier
+- :func:`make_plan`, :func:`layer_costs`, :class:`LayerCosts`, :func:`sample_plans`
+- :data:`ALLOCATION_METHODS`, :class:`InfeasibleBudgetError`, :class:`FrontierTooLargeError`
+- The pure solvers (knapsack frontier, ILP) live in :mod:`quant.solvers`.
+
+Plans
+=====
+- :class:`BitPlan` -- bit-width per layer with size, BOPs, Ω; JSON save/load, apply, evaluate
+- :data:`SCHEMA_VERSION`, :class:`PlanFileError` -- the plan file's schema and its errors
+
+Inter-layer prediction and plan search
+======================================
+- :func:`predict_loss_change`, :class:`LossChangePredictor`, :class:`LossChangePrediction` --
+  ``gᵀΔw + ½ΔwᵀHΔw`` of a whole plan, cross-layer terms included
+- :func:`search_plan`, :class:`PlanSearchResult` -- smallest plan within a loss/accuracy budget
+
+Plotting
+========
+- :func:`plot_sensitivities`, :func:`plot_pareto`
 
 Example:
     >>> import torch, quant

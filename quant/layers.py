@@ -5,14 +5,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from curvature import call_model
+from curvature import BatchSource, call_model
 
 logger = logging.getLogger(__name__)
 
@@ -138,28 +138,11 @@ def quantizable_layers(model: nn.Module, layers: Sequence[str] | None = None) ->
     return dict(sorted(out.items(), key=lambda kv: order[kv[0]]))
 
 
-def _is_single_batch(data: Any) -> bool:
-    return (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and isinstance(data[1], Tensor)
-        and (isinstance(data[0], (Tensor, Mapping)) or (
-            isinstance(data[0], (tuple, list)) and len(data[0]) > 0 and all(isinstance(t, Tensor) for t in data[0])
-        ))
-    )
-
-
-def iterate_batches(data: Any) -> Iterator[tuple[Any, Tensor]]:
-    """Yield ``(inputs, targets)`` from one batch or an iterable of batches."""
-    if _is_single_batch(data):
-        yield data[0], data[1]
-        return
-    if not isinstance(data, Iterable):
-        raise TypeError(f"data must be an (inputs, targets) batch or an iterable of batches, got {type(data).__name__}")
-    for batch in data:
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise TypeError(f"each batch must be an (inputs, targets) pair, got {type(batch).__name__}")
-        yield batch[0], batch[1]
+def iterate_batches(data: Any) -> Iterator[tuple[Any, Any]]:
+    """Yield ``(inputs, targets)`` from one batch or an iterable of batches (the core's
+    :class:`curvature.BatchSource` recognises them)."""
+    for batch in BatchSource(data):
+        yield batch.inputs, batch.targets
 
 
 def check_calibration_data(data: Any, *, name: str = "data") -> None:
@@ -175,16 +158,14 @@ def check_calibration_data(data: Any, *, name: str = "data") -> None:
     """
     if isinstance(data, Iterator):
         raise TypeError(f"{name} is a one-shot iterator; pass a list of batches or a re-iterable DataLoader")
-    for _, targets in iterate_batches(data):
-        if not isinstance(targets, Tensor) or targets.ndim == 0 or targets.shape[0] > 0:
-            return
+    try:
+        for _, targets in iterate_batches(data):
+            if not isinstance(targets, Tensor) or targets.ndim == 0 or targets.shape[0] > 0:
+                return
+    except ValueError as e:
+        if "empty" not in str(e):
+            raise
     raise ValueError(f"{name} is empty: the calibration data must hold at least one sample")
-
-
-def _num_samples(inputs: Any, targets: Tensor) -> int:
-    if isinstance(targets, Tensor) and targets.ndim > 0:
-        return int(targets.shape[0])
-    return 1
 
 
 @contextlib.contextmanager
@@ -213,8 +194,8 @@ def layer_macs(model: nn.Module, layers: Mapping[str, nn.Module], data: Any) -> 
         >>> layer_macs(m, quantizable_layers(m), (torch.zeros(2, 1, 4, 4), torch.zeros(2)))
         {'0': 288, '2': 160}
     """
-    inputs, targets = next(iterate_batches(data))
-    n = max(_num_samples(inputs, targets), 1)
+    first = next(iter(BatchSource(data)))
+    inputs, n = first.inputs, max(first.num_samples, 1)
     layer_of = {id(m.weight): name for name, m in layers.items()}
     counts = {name: 0 for name in layers}
 

@@ -81,3 +81,18 @@ def test_all_targets_ignored_is_a_named_error():
     x, y = p.batches[0]
     with pytest.raises(ValueError, match="ignored"):
         quant.evaluate_model(p.model, p.loss_fn, [(x, torch.full_like(y, -100))], metric=None)
+
+
+def test_search_plan_compares_accuracy_fractions_on_token_data():
+    p = problem("tied_lm", "token_ce", "uneven")
+    sens = quant.sensitivity(p.model, p.loss_fn, p.data, num_matvecs=8, generator=torch.Generator().manual_seed(0))
+    result = quant.search_plan(p.model, p.loss_fn, p.data, sens, max_accuracy_drop=0.5, bit_choices=(4, 8))
+    assert 0.0 <= result.baseline.accuracy <= 1.0 and result.baseline.num_predictions == 13
+    assert all(0.0 <= r["measured_accuracy"] <= 1.0 for r in result.evaluations if r["measured_accuracy"] is not None)
+
+
+def test_search_plan_refuses_an_accuracy_budget_on_a_regression():
+    p = problem("mlp", "mse", "uneven")
+    sens = quant.sensitivity(p.model, p.loss_fn, p.data, num_matvecs=4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(quant.MetricNotApplicableError):
+        quant.search_plan(p.model, p.loss_fn, p.data, sens, max_accuracy_drop=0.1)
