@@ -302,6 +302,9 @@ def evaluate_model(
         ignore_index: targets left out of the accuracy (default: the loss's ``ignore_index``,
             else PyTorch's -100).
 
+    A loss with ``shift=True`` (:class:`curvature.TokenCrossEntropyLoss` of a causal LM) scores
+    position ``t``'s outputs against target ``t + 1``, and so does the accuracy.
+
     Example:
         >>> m = nn.Linear(2, 2)
         >>> ev = evaluate_model(m, nn.CrossEntropyLoss(), (torch.zeros(4, 2), torch.zeros(4, dtype=torch.long)))
@@ -328,6 +331,10 @@ def evaluate_model(
             if metric in EVALUATION_METRICS and accuracy_off is None:
                 accuracy_off = _accuracy_applies(out, targets)
                 if accuracy_off is None:
+                    if getattr(loss_fn, "shift", False) is True:
+                        # a causal LM loss (curvature.TokenCrossEntropyLoss(shift=True)): the
+                        # scores at position t predict the target at t + 1
+                        out, targets = out[..., :-1, :], targets[..., 1:]
                     valid = targets != ignored
                     hits += int(((out.argmax(dim=-1) == targets) & valid).sum())
                     predictions += int(valid.sum())

@@ -96,3 +96,21 @@ def test_search_plan_refuses_an_accuracy_budget_on_a_regression():
     sens = quant.sensitivity(p.model, p.loss_fn, p.data, num_matvecs=4, generator=torch.Generator().manual_seed(0))
     with pytest.raises(quant.MetricNotApplicableError):
         quant.search_plan(p.model, p.loss_fn, p.data, sens, max_accuracy_drop=0.1)
+
+
+def test_accuracy_of_a_shifted_lm_loss_scores_the_next_token():
+    from curvature import TokenCrossEntropyLoss
+
+    class NextToken(nn.Module):  # position t's scores are the one-hot of token t + 1: all right
+        def __init__(self, tokens):
+            super().__init__()
+            self.tokens = tokens
+            self.scale = nn.Parameter(torch.ones((), dtype=f64))
+
+        def forward(self, x):
+            nxt = torch.cat([self.tokens[:, 1:], self.tokens[:, :1]], dim=1)
+            return nn.functional.one_hot(nxt, 5).to(f64) * self.scale
+
+    x = torch.randint(0, 5, (3, 6), generator=torch.Generator().manual_seed(0))
+    ev = quant.evaluate_model(NextToken(x), TokenCrossEntropyLoss(shift=True), (x, x))
+    assert ev.accuracy == 1.0 and ev.num_predictions == 15

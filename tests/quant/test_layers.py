@@ -70,3 +70,18 @@ def test_gpt2_macs_count_every_token_and_the_tied_head(tiny_gpt2):
 
 def test_other_module_is_not_quantizable():
     assert not quant.is_quantizable(nn.LayerNorm(3))
+
+
+def test_gpt2_end_to_end_sensitivity_and_plan(tiny_gpt2):
+    from curvature import TokenCrossEntropyLoss
+
+    tokens = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(1))
+    loss_fn = TokenCrossEntropyLoss(shift=True)
+    sens = quant.sensitivity(tiny_gpt2, loss_fn, (tokens, tokens), num_matvecs=4,
+                             generator=torch.Generator().manual_seed(0))
+    assert "transformer.h.0.mlp.c_fc" in sens and "lm_head" not in sens
+    budget = quant.make_plan(tiny_gpt2, sens, 4).size_bytes
+    plans = [quant.allocate_bits(tiny_gpt2, sens, max_size_bytes=budget, method=m) for m in ("ilp", "pareto")]
+    assert plans[0].omega == pytest.approx(plans[1].omega, rel=1e-9)
+    ev = plans[0].evaluate(tiny_gpt2, loss_fn, (tokens, tokens))
+    assert 0.0 <= ev.accuracy <= 1.0 and ev.num_predictions == 8  # shifted: 4 predictions per sequence
