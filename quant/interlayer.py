@@ -305,7 +305,7 @@ def search_plan(
                 if max_loss_increase is not None and criterion != "predicted":
                     ok = ok and measured.loss - baseline.loss <= max_loss_increase  # type: ignore[union-attr]
                 if max_accuracy_drop is not None:
-                    ok = ok and baseline.accuracy - measured.accuracy <= max_accuracy_drop  # type: ignore[operator]
+                    ok = ok and baseline.accuracy - measured.accuracy <= max_accuracy_drop  # type: ignore[operator, union-attr]
             records.append({
                 "frontier_index": j, "chosen_index": best, "size_bytes": plan.size_bytes,
                 "predicted_loss_change": change,

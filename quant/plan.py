@@ -37,7 +37,9 @@ def _is_number(x: Any) -> bool:
 
 
 def _is_integer(x: Any) -> bool:
-    return (isinstance(x, int) and not isinstance(x, bool)) or (isinstance(x, float) and x.is_integer())
+    if isinstance(x, float):
+        return x.is_integer()
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _check_payload(payload: Any) -> None:

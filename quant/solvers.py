@@ -23,6 +23,10 @@ import logging
 from typing import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
+
+#: Per layer, one value per choice (lists or 1-d arrays).
+Table = Sequence[ArrayLike]
 
 __all__ = ["InfeasibleBudgetError", "FrontierTooLargeError", "knapsack_frontier", "solve_knapsack", "solve_ilp"]
 
@@ -43,14 +47,12 @@ class FrontierTooLargeError(RuntimeError):
     """The exact Pareto frontier has more points than ``max_points`` (use the ILP instead)."""
 
 
-def _check_instance(
-    costs: Sequence[Sequence[float]], omegas: Sequence[Sequence[float]]
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def _check_instance(costs: Table, omegas: Table) -> tuple[list[np.ndarray], list[np.ndarray]]:
     if len(costs) != len(omegas) or not len(costs):
         raise ValueError("costs and omegas must be non-empty and have one entry per layer")
     c_out, w_out = [], []
-    for i, (c, w) in enumerate(zip(costs, omegas)):
-        c, w = np.asarray(c, dtype=np.float64), np.asarray(w, dtype=np.float64)
+    for i, (c_in, w_in) in enumerate(zip(costs, omegas)):
+        c, w = np.asarray(c_in, dtype=np.float64), np.asarray(w_in, dtype=np.float64)
         if c.ndim != 1 or c.shape != w.shape or c.size == 0:
             raise ValueError(f"layer {i}: costs and omegas must be equal-length non-empty 1-d sequences")
         if not np.isfinite(c).all() or (c < 0).any():
@@ -115,7 +117,7 @@ def _backtrack(trail: list[tuple[np.ndarray, np.ndarray]], point: int) -> tuple[
 
 
 def knapsack_frontier(
-    costs: Sequence[Sequence[float]], omegas: Sequence[Sequence[float]], *, max_points: int = DEFAULT_MAX_POINTS
+    costs: Table, omegas: Table, *, max_points: int = DEFAULT_MAX_POINTS
 ) -> list[tuple[float, float, tuple[int, ...]]]:
     """The exact (cost, Ω) Pareto frontier of the multiple-choice knapsack.
 
@@ -133,8 +135,8 @@ def knapsack_frontier(
 
 
 def solve_knapsack(
-    costs: Sequence[Sequence[float]],
-    omegas: Sequence[Sequence[float]],
+    costs: Table,
+    omegas: Table,
     budget: float,
     *,
     max_points: int = DEFAULT_MAX_POINTS,
