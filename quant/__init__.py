@@ -39,8 +39,19 @@ from .interlayer import (
     search_plan,
 )
 from .layers import QUANTIZABLE_TYPES, Evaluation, evaluate_model, layer_macs, quantizable_layers
+from .masks import MASK_SCHEMA_VERSION, MaskFileError, MaskMismatchError, PruneMask, keep_pruned
 from .plan import SCHEMA_VERSION, BitPlan
 from .plotting import plot_pareto, plot_sensitivities
+from .pruning import (
+    PRUNE_METHODS,
+    PRUNE_SCOPES,
+    GradualPruner,
+    PruneResult,
+    PruneStep,
+    prunable_weights,
+    prune,
+    sparsity_schedule,
+)
 from .quantizers import (
     ActivationQuantizer,
     QuantizedTensor,
@@ -86,4 +97,18 @@ __all__ = [
     "sensitivity",
     "solve_dp",
     "solve_ilp",
+    # pruning (issue 24)
+    "MASK_SCHEMA_VERSION",
+    "MaskFileError",
+    "MaskMismatchError",
+    "PruneMask",
+    "keep_pruned",
+    "PRUNE_METHODS",
+    "PRUNE_SCOPES",
+    "GradualPruner",
+    "PruneResult",
+    "PruneStep",
+    "prunable_weights",
+    "prune",
+    "sparsity_schedule",
 ]
