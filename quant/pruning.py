@@ -246,9 +246,11 @@ def prune(
             no correction).
         scope: ``"global"`` (one ranking over all layers) or ``"layer"`` (each layer to ``sparsity``).
         pattern: ``(N, M)`` or ``"N:M"``: semi-structured sparsity, at most ``N`` nonzeros in every
-            ``M`` consecutive weights of a row (``weight.reshape(out, -1)``; ``2:4`` is what sparse
-            tensor cores run). The same saliencies choose, per group, which weights go; the OBS
-            correction is then the same combined update. Needs ``recomputations=1``.
+            ``M`` consecutive weights of a row (``weight.reshape(out, -1)``, so for a convolution the
+            groups run over the flattened ``in x kh x kw``; ``2:4`` is what sparse tensor cores run).
+            By default only the layers whose rows are a multiple of ``M`` long are pruned. The same
+            saliencies choose, per group, which weights go; the OBS correction is then the same
+            combined update over the removed set. Needs ``recomputations=1``.
         layers: layer names (default :func:`prunable_weights`).
         num_gradients: ``m``, mini-batch gradients per step (exactly ``m`` are collected).
         damping: ``λ`` of ``F = λI + (1/m) Σ g gᵀ``.
@@ -292,6 +294,13 @@ def prune(
         raise ValueError("method='mfac' needs loss_fn and data (or gradients=)")
 
     weights = prunable_weights(model, layers)
+    if nm is not None and layers is None:  # by default N:M applies to the layers whose rows it fits
+        unfit = [n for n, p in weights.items() if (p.numel() // max(p.shape[0], 1)) % nm[1]]
+        if unfit:
+            logger.info("pattern %d:%d skips layers %s (rows not a multiple of %d)", *nm, unfit, nm[1])
+        weights = {n: p for n, p in weights.items() if n not in unfit}
+        if not weights:
+            raise ValueError(f"pattern {nm[0]}:{nm[1]}: no layer has rows of a multiple of {nm[1]} weights")
     names = list(weights)
     params = list(weights.values())
     sizes = [p.numel() for p in params]

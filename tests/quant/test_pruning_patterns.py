@@ -82,6 +82,11 @@ def test_pattern_errors():
     model = nn.Sequential(nn.Linear(6, 1))
     with pytest.raises(ValueError, match="multiple of 4"):
         quant.prune(model, method="magnitude", pattern="2:4")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        quant.prune(model, method="magnitude", pattern="2:4", layers=["0"])
+    two = nn.Sequential(nn.Linear(6, 1), nn.Linear(1, 4, bias=False), nn.Linear(4, 2))
+    result = quant.prune(two, method="magnitude", pattern="2:4")  # only the layer whose rows fit
+    assert list(result.mask.masks) == ["2"]
     with pytest.raises(ValueError, match="N:M"):
         quant.prune(model, method="magnitude", pattern="4:2")
     with pytest.raises(ValueError, match="recomputations=1"):
