@@ -31,6 +31,7 @@ from .allocation import (
     solve_dp,
     solve_ilp,
 )
+from .compression import COMPRESSION_SCHEMA_VERSION, CompressionPlan, predict_compression
 from .interlayer import (
     LossChangePrediction,
     LossChangePredictor,
@@ -111,4 +112,7 @@ __all__ = [
     "prunable_weights",
     "prune",
     "sparsity_schedule",
+    "COMPRESSION_SCHEMA_VERSION",
+    "CompressionPlan",
+    "predict_compression",
 ]
