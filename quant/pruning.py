@@ -180,10 +180,20 @@ def sparsity_schedule(final: float, steps: int, *, initial: float = 0.0, kind: s
 
 # ------------------------------------------------------------------------------------ selection
 def _lowest(scores: Tensor, k: int) -> Tensor:
-    """Indices of the ``k`` lowest scores; ties go to the lower index (a stable sort)."""
+    """Indices of the ``k`` lowest scores; ties at the threshold go to the lower indices.
+
+    ``O(d)`` (a selection, not a sort): the ``k``-th smallest score is the threshold, everything
+    below it is taken and the ties at it in index order.
+    """
+    n = scores.numel()
     if k <= 0:
         return torch.zeros(0, dtype=torch.long, device=scores.device)
-    return torch.sort(scores, stable=True).indices[:k]
+    if k >= n:
+        return torch.arange(n, device=scores.device)
+    threshold = torch.kthvalue(scores, k).values
+    below = torch.nonzero(scores < threshold).flatten()
+    ties = torch.nonzero(scores == threshold).flatten()[: k - below.numel()]
+    return torch.cat([below, ties])
 
 
 def _select_nm(scores: Tensor, positions: Tensor, keep: Tensor, layout: list[tuple[int, int, int]],
@@ -376,7 +386,7 @@ def prune(
                 idx = torch.nonzero(inside).flatten()
                 k = count_at(step, i) - int((~keep[g]).sum())
                 chosen.append(idx[_lowest(scores[idx], k)])
-            sel = torch.sort(torch.cat(chosen)).values
+            sel = torch.cat(chosen)
         saliency = float(scores[sel].sum()) if method == "mfac" else math.nan
         new = wa.clone()
         if Finv is not None and sel.numel():
