@@ -156,13 +156,14 @@ def main(argv=None):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     titles = ("one-shot", f"after {args.finetune_steps} fine-tuning steps")
     for ax, stage, title in zip(axes, ("oneshot", "finetuned"), titles):
-        for method, colour, label in (("mfac", "C0", "M-FAC OBS"), ("magnitude", "C1", "magnitude")):
+        styles = (("mfac", "C0", "M-FAC OBS", 0.008), ("magnitude", "C1", "magnitude", -0.008))
+        for method, colour, label, shift in styles:
             mean = [table[f"{method}@{s}"][stage][0] for s in sparsities]
             spread = [table[f"{method}@{s}"][stage][1] for s in sparsities]
             ax.errorbar(sparsities, mean, yerr=spread, marker="o", capsize=3, color=colour, label=label)
             nm = table[f"{method}@2:4"][stage]
-            ax.errorbar([0.5], [nm[0]], yerr=[nm[1]], marker="s", mfc="none", capsize=3, color=colour, ls="none",
-                        label=f"{label} 2:4")
+            ax.errorbar([0.5 + shift], [nm[0]], yerr=[nm[1]], marker="s", mfc="none", capsize=3, color=colour,
+                        ls="none", label=f"{label} 2:4 (at 50%)")
         ax.axhline(dense[0], color="grey", ls="--", lw=1, label="dense")
         ax.set_xlabel("sparsity")
         ax.set_title(title)

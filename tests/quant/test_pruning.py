@@ -273,3 +273,26 @@ def test_bad_options():
     with pytest.raises(ValueError, match="un-prune"):
         mask = quant.prune(model, sparsity=0.5, method="magnitude").mask
         quant.prune(model, sparsity=0.2, method="magnitude", mask=mask)
+
+
+def test_train_mode_model_is_pruned_with_eval_mode_gradients_and_its_mode_restored():
+    p = cases.problem("batchnorm_train", "ce", "uneven")
+    model = p.model
+    running = model[1].running_mean.clone()
+    eval_copy = copy.deepcopy(model).eval()
+    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(p.loss_fn(eval_copy(x), y),
+                                                                  [eval_copy[0].weight, eval_copy[3].weight])])
+            for x, y in p.batches]
+    quant.prune(eval_copy, gradients=torch.stack(rows), sparsity=0.5, damping=1e-2)
+    quant.prune(model, p.loss_fn, p.data, sparsity=0.5, num_gradients=3, damping=1e-2)
+    assert model.training and model[1].training
+    assert torch.equal(model[1].running_mean, running)  # eval mode: BatchNorm statistics untouched
+    assert (model[0].weight - eval_copy[0].weight).abs().max() < 1e-10
+
+
+def test_mixed_dtypes_magnitude_works_and_mfac_says_why_not():
+    p = cases.problem("mixed_dtype", "ce", "uneven")
+    result = quant.prune(p.model, sparsity=0.5, method="magnitude")
+    assert p.model.head.weight.dtype == f64 and result.sparsity == pytest.approx(0.5)
+    with pytest.raises(TypeError, match="mixed dtypes"):
+        quant.prune(p.model, p.loss_fn, p.data, sparsity=0.6, num_gradients=3)
