@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -96,7 +96,7 @@ class CompressionPlan:
         layers = quantizable_layers(model, list(self.layers))
         out = {}
         for name, module in layers.items():
-            w = module.weight.detach()
+            w = cast(Tensor, module.weight).detach()
             keep = None
             if self.mask is not None and name in self.mask.masks:
                 keep = self.mask.masks[name].to(device=w.device)
@@ -244,12 +244,13 @@ def predict_compression(
         H = predictor.hessian
         by_weight = {id(m.weight): n for n, m in predictor.layers.items()}
         parts = []
-        for p in H.params:
-            name = by_weight[id(p)]
-            parts.append(other[name].weight.detach().to(torch.float64) - p.detach().to(torch.float64))
+        for weight in H.params:
+            name = by_weight[id(weight)]
+            new = cast(Tensor, other[name].weight).detach().to(torch.float64)
+            parts.append(new - weight.detach().to(torch.float64))
         delta = H.flatten(parts)
         linear = float(predictor.gradient @ delta)
-        order = tuple(by_weight[id(p)] for p in H.params)
+        order = tuple(by_weight[id(weight)] for weight in H.params)
         if not interactions:
             quad = 0.5 * float(delta @ (H @ delta.to(H.dtype)).to(torch.float64))
             return LossChangePrediction(linear, quad, linear + quad, None, order, 1)

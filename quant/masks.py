@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 import torch
 from torch import Tensor, nn
@@ -100,14 +100,14 @@ class PruneMask:
         return f"PruneMask({self.sparsity:.1%} pruned; {layers})"
 
     # -- use ----------------------------------------------------------------------------------
-    def _weights(self, model: nn.Module) -> dict[str, nn.Parameter]:
+    def _weights(self, model: nn.Module) -> dict[str, Tensor]:
         try:
             layers = quantizable_layers(model, list(self.masks))
         except ValueError as exc:
             raise MaskMismatchError(str(exc)) from exc
         out = {}
         for name, module in layers.items():
-            w = module.weight
+            w = cast(Tensor, module.weight)
             if tuple(w.shape) != tuple(self.masks[name].shape):
                 raise MaskMismatchError(
                     f"mask of layer {name!r} has shape {tuple(self.masks[name].shape)}, the weight {tuple(w.shape)}"

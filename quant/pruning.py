@@ -28,7 +28,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -103,7 +103,7 @@ class PruneResult:
         return f"PruneResult({self.method}, {self.sparsity:.1%} pruned, predicted ΔL={change:.4g})"
 
 
-def prunable_weights(model: nn.Module, layers: Sequence[str] | None = None) -> dict[str, nn.Parameter]:
+def prunable_weights(model: nn.Module, layers: Sequence[str] | None = None) -> dict[str, Tensor]:
     """The weights :func:`prune` works on, by layer name, in the model's parameter order.
 
     Default: the weight of every Linear, Conv1d/2d/3d and Embedding layer that requires grad
@@ -118,7 +118,7 @@ def prunable_weights(model: nn.Module, layers: Sequence[str] | None = None) -> d
         ['2']
     """
     found = quantizable_layers(model, layers)
-    weights = {name: mod.weight for name, mod in found.items()}
+    weights = {name: cast(Tensor, mod.weight) for name, mod in found.items()}
     if layers is None:
         frozen = [n for n, w in weights.items() if not w.requires_grad]
         if frozen:
@@ -421,7 +421,7 @@ def prune(
 
 
 def _gradients(step: int, model: nn.Module, loss_fn: Any, data: Any, gradients: GradientSource | None,
-               params: list[nn.Parameter], m: int, batch_size: int | None, dtype: torch.dtype | None,
+               params: list[Tensor], m: int, batch_size: int | None, dtype: torch.dtype | None,
                d: int) -> Tensor:
     if callable(gradients) and not isinstance(gradients, Tensor):
         G = gradients(step, model)
