@@ -49,6 +49,8 @@ class CompressionPlan:
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 2))
+        >>> with torch.no_grad():
+        ...     _ = model[0].weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 4.0], [-1.0, -2.0, -3.0, -4.0]]))
         >>> mask = PruneMask({"0": torch.tensor([[True, False, True, False], [False, True, True, False]])})
         >>> plan = CompressionPlan({"0": 4}, mask)
         >>> compressed = plan.apply(model)
@@ -229,7 +231,8 @@ def predict_compression(
         ...         dtype=torch.float64))
         >>> compressed = CompressionPlan({"0": 4}).apply(dense)
         >>> pred = predict_compression(dense, compressed, nn.MSELoss(), data)
-        >>> measured = float(nn.MSELoss()(compressed(data[0]), data[1]) - nn.MSELoss()(dense(data[0]), data[1]))
+        >>> with torch.no_grad():
+        ...     measured = float(nn.MSELoss()(compressed(data[0]), data[1]) - nn.MSELoss()(dense(data[0]), data[1]))
         >>> abs(pred.total - measured) < 1e-12  # a linear model's MSE is quadratic: the prediction is exact
         True
     """
