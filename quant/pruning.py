@@ -370,8 +370,18 @@ def prune(
         wa = w[positions]
         Finv = None
         if method == "mfac":
-            G = _gradients(step, model, loss_fn, data, gradients, params, num_gradients, batch_size, dtype, d)
-            Ga = G[:, positions.to(G.device)].to(device)
+            G, owned = _gradients(step, model, loss_fn, data, gradients, params, num_gradients, batch_size, dtype, d)
+            if positions.numel() < d:  # F over the unpruned weights only; the copy is ours
+                Ga, owned = G[:, positions.to(G.device)], True
+            else:
+                Ga = G
+            del G
+            if Ga.device != device:
+                Ga, owned = Ga.to(device), True
+            if not owned:  # MFACInverse(inplace=True) overwrites its input: never the caller's tensor
+                Ga = Ga.clone(memory_format=torch.contiguous_format)
+            elif Ga.stride(1) != 1:
+                Ga = Ga.contiguous()
             Finv = MFACInverse(Ga, damping=damping, block_size=block_size, inplace=True)
             diag = Finv.diagonal().to(torch.float64)
             scores = wa.to(torch.float64).square() / (2 * diag)
@@ -422,7 +432,8 @@ def prune(
 
 def _gradients(step: int, model: nn.Module, loss_fn: Any, data: Any, gradients: GradientSource | None,
                params: list[Tensor], m: int, batch_size: int | None, dtype: torch.dtype | None,
-               d: int) -> Tensor:
+               d: int) -> tuple[Tensor, bool]:
+    """The step's ``(m, d)`` gradients, and whether the tensor is ours to overwrite."""
     if callable(gradients) and not isinstance(gradients, Tensor):
         G = gradients(step, model)
     elif isinstance(gradients, Tensor) and step == 1:
@@ -432,13 +443,13 @@ def _gradients(step: int, model: nn.Module, loss_fn: Any, data: Any, gradients: 
             raise ValueError("recomputations > 1 with a gradient tensor needs loss_fn and data for the later steps")
         with eval_mode(model):
             G = collect_gradients(model, loss_fn, data, num_grads=m, batch_size=batch_size, params=params, dtype=dtype)
-        return G
+        return G, True
     if not isinstance(G, Tensor) or G.ndim != 2 or G.shape[1] != d:
         raise ValueError(f"gradients must be an (m, {d}) tensor over the pruned weights, got {getattr(G, 'shape', G)}")
     G = G.detach()
-    if dtype is not None:
-        G = G.to(dtype)
-    return G.clone()  # MFACInverse(inplace=True) overwrites its input
+    if dtype is not None and G.dtype != dtype:
+        return G.to(dtype), True
+    return G, False
 
 
 # ------------------------------------------------------------------------------ gradual pruning

@@ -122,7 +122,9 @@ def test_precomputed_gradients_are_used_and_exactly_m_are_collected():
     G = _grads_by_autograd(model, loss_fn, data, 12)
     a, b = copy.deepcopy(model), copy.deepcopy(model)
     ra = quant.prune(a, loss_fn, data, sparsity=0.5, num_gradients=12, damping=1e-2)
+    G_before = G.clone()
     rb = quant.prune(b, gradients=G, sparsity=0.5, num_gradients=12, damping=1e-2)
+    assert torch.equal(G, G_before)  # the caller's gradients are not overwritten by the in-place inverse
     assert ra.mask == rb.mask
     assert (a[0].weight - b[0].weight).abs().max() < 1e-12
     # m - 1 gradients (the reference loop's defect) would give another inverse and other weights
