@@ -16,6 +16,11 @@ A second table times whole prunes of the 407k-parameter MLP (``bench.models.make
 ``r`` recomputations and ``m`` gradients collected from data: ``total_s`` against
 ``r · (collect_s + prune_s)``, the gradients collected once per recomputation.
 
+``--memory`` instead measures, each in a fresh subprocess, the peak resident memory of one prune
+of the MLP with ``m`` collected gradients against the baseline (model and data only) and against
+the ``m·d`` float32 gradient matrix, the one ``O(dm)`` buffer the pruner needs (target: extra peak
+<= 2 ``m·d``; the copy of the unpruned columns at a recomputation is the second).
+
 Run: ``python -m bench.pruning [--device cuda] [--dims 1e5,1e6] [--grads 32,128] [--blocked]``;
 ``--dry-run`` for tiny sizes (a check that it runs). Results go to bench/results/pruning.json.
 """
@@ -89,6 +94,45 @@ def recomputation_rows(grads: list[int], recomps: list[int], device: torch.devic
     return rows
 
 
+def memory_job(job: str, m: int, recomputations: int) -> dict:
+    """Peak RSS of one job in THIS process (called in the child)."""
+    import resource
+
+    torch.set_num_threads(1)
+    model = make_mlp()
+    x, y = mlp_data(num_samples=32 * m)
+    data = list(zip(x.split(32), y.split(32)))
+    d = sum(w.numel() for w in quant.prunable_weights(model).values())
+    if job == "prune":
+        quant.prune(model, nn.CrossEntropyLoss(), data, sparsity=0.9, num_gradients=m, damping=DAMPING,
+                    block_size=128, recomputations=recomputations)
+    return {"job": job, "m": m, "d": d, "r": recomputations,
+            "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def memory_rows(grads: list[int], recomps: list[int]) -> list[dict]:
+    import json
+    import subprocess
+    import sys
+
+    rows = []
+    for m in grads:
+        for r in recomps:
+            out = {}
+            for job in ("baseline", "prune"):
+                call = f"memory_job({job!r}, {m}, {r})"
+                code = f"import json; from bench.pruning import memory_job; print(json.dumps({call}))"
+                res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+                out[job] = json.loads(res.stdout.strip().splitlines()[-1])
+            md = out["prune"]["m"] * out["prune"]["d"] * 4
+            extra = out["prune"]["peak_bytes"] - out["baseline"]["peak_bytes"]
+            rows.append({"m": m, "d": out["prune"]["d"], "r": r, "baseline_MiB": out["baseline"]["peak_bytes"] / 2**20,
+                         "prune_MiB": out["prune"]["peak_bytes"] / 2**20, "m·d_MiB": md / 2**20,
+                         "extra/(m·d)": extra / md})
+            print_table(rows[-1:], list(rows[-1]))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -98,12 +142,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--blocked", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes, one repeat")
+    parser.add_argument("--memory", action="store_true", help="peak memory in subprocesses instead of times")
     parser.add_argument("--out", default="bench/results/pruning.json")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dims = [int(float(v)) for v in args.dims.split(",")]
     grads = [int(v) for v in args.grads.split(",")]
     recomps = [int(v) for v in args.recomputations.split(",")]
+    if args.memory:
+        rows = memory_rows(grads, recomps)
+        write_json(args.out.replace(".json", "_memory.json"), {"environment": environment(), "memory": rows})
+        return
     if args.dry_run:
         dims, grads, recomps, args.repeats = [2000], [8], [1, 2], 1
     step = one_step_rows(dims, grads, device, args.blocked or args.dry_run, args.repeats)
