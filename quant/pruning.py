@@ -84,7 +84,7 @@ class PruneResult:
         predicted_loss_increase: ``Σ`` of the steps' ``saliency_sum`` (OBS; ``nan`` for magnitude).
         steps: one :class:`PruneStep` per recomputation.
         method, scope, pattern: the options used (``pattern`` is ``(N, M)`` or ``None``).
-        num_gradients: gradients per step (``0`` for magnitude).
+        num_gradients: gradients per step, as used (``0`` for magnitude).
     """
 
     mask: PruneMask
@@ -364,6 +364,7 @@ def prune(
         return max(initial[index], round(s * size))
 
     steps = []
+    used_gradients = 0
     for step in range(1, recomputations + 1):
         w = torch.cat([p.detach().reshape(-1) for p in params])
         positions = torch.nonzero(keep).flatten()
@@ -383,7 +384,14 @@ def prune(
             elif Ga.stride(1) != 1:
                 Ga = Ga.contiguous()
             Finv = MFACInverse(Ga, damping=damping, block_size=block_size, inplace=True)
+            used_gradients = Finv.num_grads
             diag = Finv.diagonal().to(torch.float64)
+            if not bool((diag > 0).all()):
+                # diag(F⁻¹) = (1 − ‖W_q‖²)/λ loses every digit when λ is tiny against the gradients
+                raise ValueError(
+                    f"diag(F⁻¹) is not positive at {int((diag <= 0).sum())} weights: rounding in "
+                    f"{Finv.dtype} at damping={damping:g}; raise the damping or pass dtype=torch.float64"
+                )
             scores = wa.to(torch.float64).square() / (2 * diag)
         else:
             scores = wa.to(torch.float64).abs()
@@ -426,7 +434,7 @@ def prune(
         method=method,
         scope=scope,
         pattern=nm,
-        num_gradients=num_gradients if method == "mfac" else 0,
+        num_gradients=used_gradients,
     )
 
 

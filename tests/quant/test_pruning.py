@@ -298,3 +298,16 @@ def test_mixed_dtypes_magnitude_works_and_mfac_says_why_not():
     assert p.model.head.weight.dtype == f64 and result.sparsity == pytest.approx(0.5)
     with pytest.raises(TypeError, match="mixed dtypes"):
         quant.prune(p.model, p.loss_fn, p.data, sparsity=0.6, num_gradients=3)
+
+
+def test_a_non_positive_inverse_diagonal_is_an_error_not_a_ranking():
+    # float32 gradients spanning all but one coordinate, damping tiny against them: the dual form's
+    # 1 − ‖W_q‖² is ~1e-15 in exact arithmetic and float32 rounding makes some of it negative
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(50, 1, bias=False))
+    G = 1e3 * torch.randn(49, 50, generator=g)
+    G[:, -1] = 0
+    with pytest.raises(ValueError, match="raise the damping"):
+        quant.prune(model, gradients=G, sparsity=0.5, damping=1e-6)
+    result = quant.prune(model, gradients=G.double(), sparsity=0.5, damping=1e-6, dtype=f64)
+    assert result.num_gradients == 49
