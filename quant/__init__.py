@@ -46,6 +46,20 @@ Inter-layer prediction and plan search
   ``gᵀΔw + ½ΔwᵀHΔw`` of a whole plan, cross-layer terms included
 - :func:`search_plan`, :class:`PlanSearchResult` -- smallest plan within a loss/accuracy budget
 
+Pruning (Optimal Brain Surgeon with M-FAC inverses)
+===================================================
+- :func:`prune`, :class:`PruneResult`, :class:`PruneStep` -- one-shot or recomputed M-FAC/OBS
+  or magnitude pruning, global or per layer, unstructured or N:M (2:4)
+- :class:`GradualPruner`, :func:`sparsity_schedule` -- pruning between fine-tuning steps
+- :func:`prunable_weights`, :data:`PRUNE_METHODS`, :data:`PRUNE_SCOPES`
+- :class:`PruneMask`, :func:`keep_pruned`, :data:`MASK_SCHEMA_VERSION`, :class:`MaskFileError`,
+  :class:`MaskMismatchError` -- masks that survive optimizer steps; save, load, apply
+
+Joint compression plans
+=======================
+- :class:`CompressionPlan`, :func:`predict_compression`, :data:`COMPRESSION_SCHEMA_VERSION` --
+  sparsity and bit widths in one plan, with the second-order prediction of their loss change
+
 Plotting
 ========
 - :func:`plot_sensitivities`, :func:`plot_pareto`
@@ -72,6 +86,7 @@ from .allocation import (
     pareto_frontier,
     sample_plans,
 )
+from .compression import COMPRESSION_SCHEMA_VERSION, CompressionPlan, predict_compression
 from .interlayer import (
     LossChangePrediction,
     LossChangePredictor,
@@ -89,8 +104,19 @@ from .layers import (
     layer_macs,
     quantizable_layers,
 )
+from .masks import MASK_SCHEMA_VERSION, MaskFileError, MaskMismatchError, PruneMask, keep_pruned
 from .plan import SCHEMA_VERSION, BitPlan, PlanFileError
 from .plotting import plot_pareto, plot_sensitivities
+from .pruning import (
+    PRUNE_METHODS,
+    PRUNE_SCOPES,
+    GradualPruner,
+    PruneResult,
+    PruneStep,
+    prunable_weights,
+    prune,
+    sparsity_schedule,
+)
 from .quantizers import (
     ActivationQuantizer,
     QuantizedTensor,
@@ -139,4 +165,20 @@ __all__ = [
     "sample_plans",
     "search_plan",
     "sensitivity",
+    "MASK_SCHEMA_VERSION",
+    "MaskFileError",
+    "MaskMismatchError",
+    "PruneMask",
+    "keep_pruned",
+    "PRUNE_METHODS",
+    "PRUNE_SCOPES",
+    "GradualPruner",
+    "PruneResult",
+    "PruneStep",
+    "prunable_weights",
+    "prune",
+    "sparsity_schedule",
+    "COMPRESSION_SCHEMA_VERSION",
+    "CompressionPlan",
+    "predict_compression",
 ]
