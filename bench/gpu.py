@@ -183,10 +183,9 @@ def section_hvp(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
         H = Hessian(model, loss_fn, batch)
         v = probe(H.shape[0], 1, device)[:, 0]
         with peak_memory(device, row):
-            row["hvp_s"] = timed(lambda: H @ v, repeats=sizes.repeats, device=device)
+            row["hvp_s"] = timed(lambda H=H, v=v: H @ v, repeats=sizes.repeats, device=device)
         row["hvp/grad"] = row["hvp_s"] / row["grad_s"]
         rows.append(row)
-        del H, model
     return rows
 
 
@@ -207,7 +206,7 @@ def section_block(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
             try:
                 H = Hessian(model, loss_fn, batch, backend=backend)
                 with peak_memory(device, row):
-                    row["block_s"] = timed(lambda: H @ V, repeats=sizes.repeats, device=device)
+                    row["block_s"] = timed(lambda H=H, V=V: H @ V, repeats=sizes.repeats, device=device)
                 row["speedup"] = row["k_singles_s"] / row["block_s"]
             except Exception as exc:  # a strategy may not apply (out of memory, no forward-AD rule)
                 row["block_s"] = row["speedup"] = None
@@ -350,24 +349,25 @@ def section_optim(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
         "Sophia": lambda ps: Sophia(ps, lr=1e-5, update_period=10),
         "AdaHessian": lambda ps: AdaHessian(ps, lr=1e-5, update_period=10),
     }
-    base = None
-    for name, make in makers.items():
-        opt = make(list(model.parameters()))
 
+    def step_time(opt: torch.optim.Optimizer, row: dict[str, Any]) -> float:
         def closure():
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(ids).logits, labels)
             loss.backward()
             return loss
 
-        row: dict[str, Any] = {"optimizer": name, "update_period": None if name == "AdamW" else 10}
         with peak_memory(device, row):
-            # one cycle of update_period steps, so the curvature refreshes are in the median
-            row["step_s"] = timed(lambda: opt.step(closure), repeats=max(sizes.optim_steps, 10), device=device)
+            # at least one cycle of update_period steps, so the curvature refreshes are in the median
+            return timed(lambda: opt.step(closure), repeats=max(sizes.optim_steps, 10), device=device)
+
+    base = None
+    for name, make in makers.items():
+        row: dict[str, Any] = {"optimizer": name, "update_period": None if name == "AdamW" else 10}
+        row["step_s"] = step_time(make(list(model.parameters())), row)
         base = row["step_s"] if name == "AdamW" else base
         row["step/AdamW"] = row["step_s"] / base
         rows.append(row)
-        del opt
     return rows
 
 
