@@ -42,10 +42,59 @@ def split_batches(data: tuple[torch.Tensor, torch.Tensor], num_batches: int) -> 
     return list(zip(x.chunk(num_batches), y.chunk(num_batches)))
 
 
+class BasicBlock(nn.Module):
+    """ResNet basic block (He et al. 2016): two 3x3 convolutions with BatchNorm and a shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def make_resnet18(*, width: int = 64, classes: int = 10, seed: int = 0) -> nn.Module:
+    """ResNet-18 for 3x32x32 images (the CIFAR variant: 3x3 stem, no max-pool; 11.2M parameters
+    at ``width=64``), in eval mode, written here so the benchmarks need no torchvision."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        layers: list[nn.Module] = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+        cin = width
+        for i, cout in enumerate([width, 2 * width, 4 * width, 8 * width]):
+            for j in range(2):
+                layers.append(BasicBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
+                cin = cout
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes)]
+        return nn.Sequential(*layers).eval()
+
+
 CASES = {
     "mlp": (make_mlp, mlp_data),
     "cnn": (make_cnn, cnn_data),
 }
+
+
+def import_transformers():
+    """``transformers``, with a torchvision wheel built for another torch hidden first: such a wheel
+    (the bench extra's backpack pulls one from PyPI) breaks transformers' lazy imports, and GPT-2
+    needs no vision."""
+    import importlib
+    import sys
+
+    try:
+        importlib.import_module("torchvision")
+    except ImportError:
+        pass
+    except Exception:  # noqa: BLE001 - the broken-wheel case raises RuntimeError at import
+        sys.modules["torchvision"] = None
+    return importlib.import_module("transformers")
 
 
 def num_params(model: nn.Module) -> int:

@@ -8,7 +8,7 @@ best pure-quantization HAWQ plan of the same size.
 
 Writes ``pruning_digits.png`` (held-out accuracy against sparsity, mean and spread over seeds,
 one-shot and fine-tuned) and ``pruning_digits.json``, and prints a Markdown table.
-Run: ``python examples/pruning_digits.py --out examples/figures`` (a few minutes on one CPU core;
+Run: ``python examples/pruning_digits.py --out docs/figures`` (a few minutes on one CPU core;
 ``--seeds 1 --quick --finetune-steps 5 --num-gradients 8`` for a smoke test).
 """
 
