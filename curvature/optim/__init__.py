@@ -16,9 +16,18 @@ float32 tanh MLP (1,148 parameters, 3 probes), the relative error of ``u ⊙ Hu`
 (relative 5.5); ``hessian=op`` gives exact products.
 """
 
+from ._common import NonFiniteError
 from .adahessian import AdaHessian
 from .mfac import MFAC
 from .newton import GradientRegularizedNewton, NewtonStepInfo
 from .sophia import Sophia, SophiaStepInfo
 
-__all__ = ["MFAC", "AdaHessian", "GradientRegularizedNewton", "NewtonStepInfo", "Sophia", "SophiaStepInfo"]
+__all__ = [
+    "MFAC",
+    "AdaHessian",
+    "GradientRegularizedNewton",
+    "NewtonStepInfo",
+    "NonFiniteError",
+    "Sophia",
+    "SophiaStepInfo",
+]

@@ -7,8 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from curvature.optim import AdaHessian
-from curvature.optim._common import NonFiniteError
+from curvature.optim import AdaHessian, NonFiniteError
 from curvature.optim.adahessian import spatial_average
 from tests.optim.problems import classification_batches, diagonal_quadratic, f64, mlp
 

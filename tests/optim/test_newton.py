@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 import curvature
-from curvature.optim import GradientRegularizedNewton
-from curvature.optim._common import NonFiniteError
+from curvature.optim import GradientRegularizedNewton, NonFiniteError
 from tests.optim.problems import f64
 
 

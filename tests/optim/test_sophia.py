@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 import curvature
-from curvature.optim import Sophia
-from curvature.optim._common import NonFiniteError
+from curvature.optim import NonFiniteError, Sophia
 from tests.optim.problems import classification_batches, diagonal_quadratic, f64, mlp
 
 HAND = dict(lr=0.1, betas=(0.5, 0.5), rho=2.0, weight_decay=0.0, update_period=2)
@@ -82,7 +81,7 @@ def test_update_period_one_works():
     opt = Sophia([w], generator=torch.Generator().manual_seed(0), **{**HAND, "update_period": 1})
     closure = make_closure(opt)
     for want in path:
-        opt.step(closure, hessian=H)
+        opt.step(closure, curvature=H)
         assert w.tolist() == pytest.approx(want, abs=1e-9)
 
 
