@@ -69,7 +69,8 @@ def make_lm(*, lm_layers, lm_width, lm_context, lm_batch, lm_vocab, seed=0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(vocab_size=lm_vocab, n_positions=lm_context, n_embd=lm_width, n_layer=lm_layers,
-                        n_head=max(1, lm_width // 64), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                        n_head=max(1, lm_width // 64), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=0, eos_token_id=0)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config).eval()

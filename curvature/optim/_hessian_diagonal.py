@@ -214,7 +214,7 @@ def hutchinson_refresh(
         evaluate_closure(None, what=f"{what} refresh step {t}")
     rng, loss = None, None
     if closure is not None:
-        if curvature is None:  # replayed for the finite-difference calls only
+        if curvature is None and refresh is not False:  # replayed for the finite-difference calls only
             rng = RNGReplay([p for g in optimizer.param_groups for p in g["params"]])
         loss = evaluate_closure(closure, what=f"{what} step {t}")
         if rng is not None:
