@@ -123,7 +123,8 @@ class AdaHessian(CurvatureOptimizer):
         signed_average: average the signed estimate (the paper's form) instead of magnitudes.
         fd_scheme: ``"forward"`` or ``"central"``.
         generator: probe generator (seed it identically on every data-parallel rank).
-        model: optional module whose buffers are restored after the extra closure calls.
+        model: optional module all of whose buffers are restored after the extra closure calls
+            (without it, the buffers of every module the closure calls are).
 
     Example:
         >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))

@@ -263,7 +263,7 @@ class GradientRegularizedNewton(Optimizer):
             if not accepted:
                 for p, p0, obj, g0 in zip(params, x0, grad_objects, grads0):
                     p.copy_(p0)
-                    if obj is not None:
+                    if obj is not None and g0 is not None:
                         obj.copy_(g0)  # the tensor the step's closure left, with its values
                     p.grad = obj
         glob["gamma"] = gamma

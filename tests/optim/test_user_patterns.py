@@ -159,6 +159,30 @@ def test_adahessian_parameter_with_a_late_first_gradient_takes_a_first_step(zero
     assert opt.state[b]["step"] == 1 and opt.state[a]["step"] == 21
 
 
+def test_adahessian_late_parameter_between_scheduled_refreshes_gets_an_estimate():
+    # update_period=5: b's first gradient comes at step 3, not a scheduled refresh. Without an
+    # estimate its denominator would be eps (θ jumping by ~1e4 here): the step refreshes instead.
+    a = nn.Parameter(torch.tensor([1.0, -2.0], dtype=f64))
+    b = nn.Parameter(torch.tensor([3.0, 0.5], dtype=f64))
+    hb = torch.tensor([4.0, 1.0], dtype=f64)
+    opt = AdaHessian([a, b], lr=0.1, eps=1e-4, update_period=5, generator=torch.Generator().manual_seed(0))
+    use_b = False
+
+    def closure():
+        opt.zero_grad(set_to_none=False)
+        loss = 0.5 * (a**2).sum() + (0.5 * (hb * b**2).sum() if use_b else 0.0)
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        opt.step(closure)
+    use_b = True
+    b0 = b.detach().clone()
+    opt.step(closure)
+    assert rel(b.detach(), b0 - 0.1 * (hb * b0) / (hb + 1e-4)) <= 1e-7
+    assert opt.state[b]["hessian_step"] == 1 and opt.state[a]["hessian_step"] == 2
+
+
 # ------------------------------------------------------------- item 9: Sophia-G in float64
 def test_sophia_g_float64_logits_are_not_rounded_to_float32():
     # Before: logits.float() gave 2.9e-6 relative error in float64.
