@@ -23,8 +23,9 @@ if str(ROOT) not in sys.path:
 
 
 def corpus():
-    import torch
     from pydoc_data.topics import topics
+
+    import torch
 
     text = "\n".join(topics[k] for k in sorted(topics)).encode("utf-8", errors="replace")
     return torch.tensor(list(text), dtype=torch.long)
