@@ -292,3 +292,38 @@ def test_newton_stops_trying_once_converged():
 
 def test_non_finite_error_is_exported():
     assert issubclass(NonFiniteError, FloatingPointError)
+
+
+class _ScaledHalfMLP(nn.Module):
+    """A bfloat16 MLP with a float32 output scale (the float32 tensor comes first)."""
+
+    def __init__(self, dtype=torch.bfloat16, scale_dtype=torch.float32):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor([1.5], dtype=scale_dtype))
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.body = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
+
+    def forward(self, x):
+        return self.body(x.to(self.body[0].weight.dtype)).to(self.scale.dtype) * self.scale
+
+
+@pytest.mark.parametrize("scheme, tol", [("forward", 0.3), ("central", 0.1)])
+def test_finite_differences_on_bfloat16_with_a_float32_tensor_first(scheme, tol):
+    # Before: ε from float32 rounded the bfloat16 perturbation away (relative error 3.29 forward).
+    # The truth: the same weights in float64, exact double-backward product.
+    model = _ScaledHalfMLP()
+    exact_model = _ScaledHalfMLP(f64, f64)
+    exact_model.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(1), dtype=f64)
+    y = torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(2))
+    loss_fn = nn.CrossEntropyLoss()
+    params = list(model.parameters())
+    probes = draw_param_probes(params, torch.Generator().manual_seed(0))
+    _, hu = _grad_and_hvp(exact_model, loss_fn, (x, y), list(exact_model.parameters()), probes)
+    exact = _flat([u.double() * h for u, h in zip(probes, hu)])
+    closure = make_closure(None, model, lambda out, t: loss_fn(out.float(), t), (x, y), "manual_in_place")
+    closure()
+    fd = fd_products(params, closure, probes, scheme=scheme)
+    err = rel(_flat([u.double() * h.double() for u, h in zip(probes, fd)]), exact)
+    assert err <= tol, err
