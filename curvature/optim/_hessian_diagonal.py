@@ -237,22 +237,32 @@ def hutchinson_refresh(
     return loss, items, estimates
 
 
-def _all_finite(t: Tensor) -> bool:
-    # A norm is NaN/inf exactly when some entry is (and is 25x cheaper than isfinite().all()),
-    # except for overflow of huge finite entries, which is as unusable.
-    return bool(torch.isfinite(torch.linalg.vector_norm(t)))
+def _first_non_finite(tensors: Sequence[Tensor]) -> int | None:
+    """Index of the first tensor with a NaN/inf entry, or None; one device sync for all of them.
+
+    A norm is NaN/inf exactly when some entry is (and is 25x cheaper than ``isfinite().all()``),
+    except for overflow of huge finite entries, which are as unusable.
+    """
+    if not tensors:
+        return None
+    norms = torch.stack([torch.linalg.vector_norm(t).to(device=tensors[0].device, dtype=torch.float32)
+                         for t in tensors])
+    finite = torch.isfinite(norms)
+    if bool(finite.all()):
+        return None
+    return int(torch.nonzero(~finite)[0, 0])
 
 
 def check_finite_products(products: Sequence[Tensor]) -> None:
-    for i, hu in enumerate(products):
-        if not _all_finite(hu):
-            raise NonFiniteError(f"the curvature estimate of parameter {i} is not finite; nothing was updated")
+    i = _first_non_finite(products)
+    if i is not None:
+        raise NonFiniteError(f"the curvature estimate of parameter {i} is not finite; nothing was updated")
 
 
 def check_finite_grads(params: Sequence[Tensor], step: int) -> None:
-    for i, p in enumerate(params):
-        if not _all_finite(p.grad):
-            raise NonFiniteError(f"the gradient of parameter {i} is not finite at step {step}; nothing was updated")
+    i = _first_non_finite([p.grad for p in params])  # type: ignore[misc]
+    if i is not None:
+        raise NonFiniteError(f"the gradient of parameter {i} is not finite at step {step}; nothing was updated")
 
 
 @torch.no_grad()

@@ -72,6 +72,24 @@ def sophia_update(
         >>> [round(x, 6) for x in p.tolist()], n
         ([0.95, 3.9], 1)
     """
+    return int(_sophia_update(param, grad, exp_avg, hessian, lr=lr, beta1=beta1, rho=rho,
+                              weight_decay=weight_decay, eps=eps))
+
+
+def _sophia_update(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    hessian: Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    rho: float,
+    weight_decay: float,
+    eps: float,
+) -> Tensor:
+    """:func:`sophia_update` returning the unclipped count as a tensor (no device sync per
+    parameter: the step adds them up and reads the total once)."""
     dtype = exp_avg.dtype
     theta = param if param.dtype == dtype else param.to(dtype)  # in place for full precision
     if weight_decay:
@@ -80,7 +98,7 @@ def sophia_update(
     # One scratch buffer, in-place ops: the update is memory-bound.
     ratio = torch.mul(hessian, rho).clamp_min_(eps)
     torch.div(exp_avg, ratio, out=ratio).clamp_(-1.0, 1.0)
-    unclipped = ratio.numel() - int(torch.count_nonzero(ratio.abs_() == 1))
+    unclipped = ratio.numel() - torch.count_nonzero(ratio.abs_() == 1)
     # abs_ destroyed the signs: take them again from m (sign(ratio) = sign(m)).
     theta.addcmul_(ratio, exp_avg.sign(), value=-lr)
     if theta is not param:
@@ -279,7 +297,8 @@ class Sophia(CurvatureOptimizer):
             estimates, due = self._pending, True
         self._pending = None
 
-        unclipped, total = 0, 0
+        unclipped: Any = 0
+        total = 0
         for group, p in items:
             state = self.state[p]
             if "exp_avg" not in state:
@@ -288,7 +307,7 @@ class Sophia(CurvatureOptimizer):
             beta1, beta2 = group["betas"]
             if due and p in estimates:
                 state["hessian"].mul_(beta2).add_(estimates[p], alpha=1 - beta2)
-            unclipped += sophia_update(
+            unclipped = unclipped + _sophia_update(
                 p, p.grad, state["exp_avg"], state["hessian"], lr=group["lr"], beta1=beta1, rho=group["rho"],
                 weight_decay=group["weight_decay"], eps=group["eps"],
             )
@@ -297,6 +316,6 @@ class Sophia(CurvatureOptimizer):
         glob["global_step"] = t
         if due:
             glob["num_refreshes"] += 1
-        win = unclipped / total if total else 0.0
+        win = int(unclipped) / total if total else 0.0
         self.last_step_info = SophiaStepInfo(t, bool(due), win, 1.0 - win)
         return loss
