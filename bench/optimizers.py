@@ -1,5 +1,6 @@
 """Step time and peak memory of the curvature optimizers relative to AdamW, and against
-pytorch_optimizer's SophiaH and AdaHessian, on the bench MLP and CNN (CPU by default).
+pytorch_optimizer's SophiaH and AdaHessian, on the bench MLP and CNN and a GPT-2 language model
+built from a ``transformers`` config (CPU by default).
 
 Each (model, optimizer) measurement runs in its own subprocess so its peak resident memory
 (``ru_maxrss``) is its own; configurations run round-robin (A B C … A B C …) and the medians of
@@ -7,7 +8,14 @@ the repeats are reported. Every optimizer runs the same loop with the standard c
 pytorch_optimizer ones need ``loss.backward(create_graph=True)`` on every step (their documented
 usage), ours never do.
 
-Run: ``flock /tmp/team/bench.lock python bench/optimizers.py [--repeats 3] [--device cuda]``.
+The ``lm`` model is GPT-2-shaped (``--lm-layers``, ``--lm-width``, ``--lm-context``,
+``--lm-batch``, vocabulary ``--lm-vocab``; GPT-2 small is ``--lm-layers 12 --lm-width 768
+--lm-context 256 --lm-vocab 50257``) with eager attention (pytorch_optimizer needs a double
+backward through it) and token cross-entropy; the Sophia rows there use ``update_period=10``, the
+setting of the Sophia paper, so a refresh's extra closure calls are amortised over 10 steps.
+
+Run: ``flock /tmp/team/bench.lock python bench/optimizers.py [--repeats 3] [--device cuda]
+[--models mlp,cnn,lm]``.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-CONFIGS = ("AdamW", "Sophia(k=10)", "Sophia(k=10,fwd)", "AdaHessian(k=1)", "pto.SophiaH(k=10)",
+CONFIGS = ("AdamW", "Sophia-central(k=10)", "Sophia-forward(k=10)", "AdaHessian(k=1)", "pto.SophiaH(k=10)",
            "pto.AdaHessian(k=1)")
 
 
@@ -37,9 +45,9 @@ def make_optimizer(name, params):
     gen = torch.Generator().manual_seed(0)
     if name == "AdamW":
         return torch.optim.AdamW(params, lr=1e-3)
-    if name == "Sophia(k=10)":
-        return Sophia(params, lr=1e-3, update_period=10, generator=gen)
-    if name == "Sophia(k=10,fwd)":
+    if name == "Sophia-central(k=10)":
+        return Sophia(params, lr=1e-3, update_period=10, fd_scheme="central", generator=gen)
+    if name == "Sophia-forward(k=10)":
         return Sophia(params, lr=1e-3, update_period=10, fd_scheme="forward", generator=gen)
     if name == "AdaHessian(k=1)":
         return AdaHessian(params, lr=0.15, update_period=1, generator=gen)
@@ -52,17 +60,45 @@ def make_optimizer(name, params):
     raise ValueError(name)
 
 
-def worker(model_name: str, opt_name: str, steps: int, device: str) -> dict:
+LM_DEFAULTS = dict(lm_layers=2, lm_width=128, lm_context=128, lm_batch=4, lm_vocab=50257)
+
+
+def make_lm(*, lm_layers, lm_width, lm_context, lm_batch, lm_vocab, seed=0):
+    """A GPT-2 LM from a config (no download) and one batch of random tokens."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=lm_vocab, n_positions=lm_context, n_embd=lm_width, n_layer=lm_layers,
+                        n_head=max(1, lm_width // 64), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=0, eos_token_id=0)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(config).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    tokens = torch.randint(0, lm_vocab, (lm_batch, lm_context + 1), generator=g)
+    return model, tokens[:, :-1], tokens[:, 1:]
+
+
+def worker(model_name: str, opt_name: str, steps: int, device: str, lm: dict | None = None) -> dict:
     import torch
     from torch import nn
 
     from bench.models import cnn_data, make_cnn, make_mlp, mlp_data
 
     torch.set_num_threads(1)
-    model = (make_mlp() if model_name == "mlp" else make_cnn()).to(device)
-    X, y = (mlp_data() if model_name == "mlp" else cnn_data())
+    ce = nn.CrossEntropyLoss()
+    if model_name == "lm":
+        model, X, y = make_lm(**(lm or LM_DEFAULTS))
+
+        def loss_fn(out, targets):
+            logits = out.logits
+            return ce(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    else:
+        model = make_mlp() if model_name == "mlp" else make_cnn()
+        X, y = (mlp_data() if model_name == "mlp" else cnn_data())
+        loss_fn = ce
+    model = model.to(device)
     X, y = X.to(device), y.to(device)
-    loss_fn = nn.CrossEntropyLoss()
     create_graph = opt_name.startswith("pto.")
     for _ in range(2):  # baseline: a plain forward/backward, no optimizer state
         model.zero_grad()
@@ -103,32 +139,41 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run (a multiple of 10)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--models", default="mlp,cnn")
+    parser.add_argument("--optimizers", default=",".join(CONFIGS), help="a subset of " + ", ".join(CONFIGS))
     parser.add_argument("--json", help="also write the results here")
+    for key, value in LM_DEFAULTS.items():
+        parser.add_argument("--" + key.replace("_", "-"), type=int, default=value)
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "OPTIMIZER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    configs = [c for c in args.optimizers.split(",") if c]
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown or "AdamW" not in configs:
+        parser.error(f"--optimizers must name AdamW and only {', '.join(CONFIGS)}; got unknown {unknown}")
+    lm = {key: getattr(args, key) for key in LM_DEFAULTS}
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.steps, args.device)))
+        print(json.dumps(worker(*args.worker, args.steps, args.device, lm)))
         return
     results: dict = {}
     for _ in range(args.repeats):
         for model in args.models.split(","):
-            for name in CONFIGS:
+            for name in configs:
+                lm_args = [a for key, value in lm.items() for a in ("--" + key.replace("_", "-"), str(value))]
                 out = subprocess.run(
                     [sys.executable, __file__, "--worker", model, name, "--steps", str(args.steps),
-                     "--device", args.device], capture_output=True, text=True, check=True,
+                     "--device", args.device, *lm_args], capture_output=True, text=True, check=True,
                 )
                 results.setdefault((model, name), []).append(json.loads(out.stdout.strip().splitlines()[-1]))
     rows = []
     unit = "GPU max allocated" if args.device == "cuda" else "peak RSS"
-    print(f"device={args.device}, {args.repeats} round-robin repeats, medians; memory = {unit} (MiB)")
+    print(f"device={args.device}, {args.repeats} round-robin repeats, medians; memory = {unit} (MiB); lm = {lm}")
     print(f"{'model':5s} {'optimizer':22s} {'step ms':>9s} {'x AdamW':>8s} {'peak MiB':>9s} {'x AdamW':>8s} "
           f"{'extra MiB':>10s}")
     for model in args.models.split(","):
         med = {name: {k: statistics.median(r[k] for r in results[(model, name)]) for k in ("step_ms", "peak_mb",
                                                                                           "extra_mb")}
-               for name in CONFIGS}
+               for name in configs}
         ref = med["AdamW"]
-        for name in CONFIGS:
+        for name in configs:
             m = med[name]
             row = dict(model=model, optimizer=name, **m, time_ratio=m["step_ms"] / ref["step_ms"],
                        peak_ratio=m["peak_mb"] / ref["peak_mb"])

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 from torch import Tensor
 
 __all__ = [
+    "check_betas",
     "check_choice",
     "check_count",
     "check_damping",
@@ -132,6 +133,21 @@ def check_rtol(value: Any, *, name: str = "rtol") -> float | None:
         (True, 0.01)
     """
     return None if value is None else check_positive_float(value, name=name)
+
+
+def check_betas(value: Any, *, name: str = "betas") -> tuple[float, float]:
+    """A pair of exponential-average coefficients, each in ``[0, 1)`` (the optimizers' ``betas``).
+
+    Example:
+        >>> check_betas((0.9, 0.999))
+        (0.9, 0.999)
+    """
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{name} must be a pair (beta1, beta2), got {value!r}")
+    return (
+        check_real(value[0], name=f"{name}[0]", low=0.0, high=1.0, high_open=True),
+        check_real(value[1], name=f"{name}[1]", low=0.0, high=1.0, high_open=True),
+    )
 
 
 def check_choice(value: Any, *, name: str, choices: Sequence[str]) -> str:

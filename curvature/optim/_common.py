@@ -1,5 +1,6 @@
-"""Shared machinery of the curvature optimizers: hyperparameter checks, closure evaluation,
-state that keeps its float32 dtype across ``load_state_dict`` and the probe generator's state."""
+"""Shared machinery of the curvature optimizers: closure evaluation, state that keeps its float32
+dtype across ``load_state_dict``, the probe generator's state, and the refusal of complex
+parameters (argument checks live in :mod:`curvature.checks`)."""
 
 from __future__ import annotations
 
@@ -11,46 +12,22 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..checks import check_real
 from ..probes import make_generator
 
 __all__ = [
     "CurvatureOptimizer",
     "NonFiniteError",
-    "check_betas",
-    "check_nonnegative",
-    "check_period",
     "evaluate_closure",
-    "state_dtype",
 ]
 
 
 class NonFiniteError(FloatingPointError):
-    """A loss or curvature estimate was NaN or infinite; no parameter or state was updated."""
+    """A loss or curvature estimate was NaN or infinite; no parameter or state was updated.
 
-
-def check_nonnegative(value: Any, name: str) -> float:
-    return check_real(value, name=name, low=0.0)
-
-
-def check_betas(betas: Any) -> tuple[float, float]:
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    return (
-        check_real(betas[0], name="betas[0]", low=0.0, high=1.0, high_open=True),
-        check_real(betas[1], name="betas[1]", low=0.0, high=1.0, high_open=True),
-    )
-
-
-def check_period(value: Any, name: str = "update_period") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def state_dtype(p: Tensor) -> torch.dtype:
-    """Optimizer state precision: float32 for half-precision parameters, else the parameter's."""
-    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+    Example:
+        >>> issubclass(NonFiniteError, FloatingPointError)
+        True
+    """
 
 
 def evaluate_closure(closure: Callable[[], Any] | None, *, what: str) -> Tensor:
@@ -89,6 +66,18 @@ class CurvatureOptimizer(Optimizer):
         super().__init__(params, defaults)
         device = self.param_groups[0]["params"][0].device
         self._generator = make_generator(generator, device)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Refused by name: u ⊙ Hu and the clipped/RMS updates have no complex meaning here, and
+        # the probe draw would fail with an internal error.
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for p in params:
+            if isinstance(p, Tensor) and p.is_complex():
+                raise TypeError(f"{type(self).__name__} does not support complex parameters (got one of shape "
+                                f"{tuple(p.shape)} and dtype {p.dtype}); optimize real and imaginary parts as "
+                                "separate real parameters (torch.view_as_real)")
+        super().add_param_group({**param_group, "params": params})
 
     # -- parameters ------------------------------------------------------------------------------
     def _params_with_grad(self) -> Iterator[tuple[dict[str, Any], Tensor]]:

@@ -5,12 +5,16 @@ Two routes to ``H u`` (no ``create_graph=True`` anywhere):
 * **finite differences of gradients** through the user's closure, at ``θ ± ε u`` (central, two
   closure calls) or ``θ + ε u`` (forward, one call, reusing the step's gradient). The step is
   ``ε = t · max(1, ‖θ‖₂) / ‖u‖₂`` with ``t = ε_mach^{1/3}`` (central) or ``ε_mach^{1/2}``
-  (forward) of the parameters' dtype, the truncation/round-off balance of each scheme. Around
-  every extra call the global (and CUDA) RNG state is replayed to what the step's own closure
-  call saw, so dropout masks are the same in every call, and left afterwards as one closure call
-  leaves it; the parameters are copied back from saved copies (bit-exact, not ``θ + ε u − ε u``),
-  the step's gradients are put back, and with ``model=`` every buffer (BatchNorm statistics) is
-  restored.
+  (forward), the truncation/round-off balance of each scheme, for the *least precise* dtype among
+  the parameters: one difference of gradients gives ``H (ε u)`` only with one ``ε`` for every
+  parameter, and a step below the resolution of the coarsest dtype would round its perturbation
+  away (a float32 step on a bfloat16 tensor). Around every extra call the global (and CUDA) RNG
+  state is replayed to what the step's own closure call saw, so dropout masks are the same in
+  every call, and left afterwards as one closure call leaves it; the parameters are copied back
+  from saved copies (bit-exact, not ``θ + ε u − ε u``); the step's gradients are kept as copies
+  (closures that zero ``.grad`` in place overwrite the tensors) and put back into the same tensor
+  objects; the buffers of every module the closure calls (BatchNorm statistics) are restored
+  (:func:`buffers_restored`).
 * **an operator**: any square curvature operator over the same parameters (for example
   ``curvature.Hessian(model, loss_fn, batch)``): exact products, ``op @ u``.
 
@@ -27,9 +31,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .. import LinearOperator
+from .. import LinearOperator, working_dtype
 from ..probes import draw_probes
-from ._common import NonFiniteError, evaluate_closure, state_dtype
+from ._buffers import buffers_restored
+from ._common import NonFiniteError, evaluate_closure
 
 __all__ = [
     "RNGReplay",
@@ -38,6 +43,8 @@ __all__ = [
     "default_rel_step",
     "draw_param_probes",
     "fd_products",
+    "fd_step",
+    "hutchinson_refresh",
     "operator_products",
 ]
 
@@ -45,7 +52,12 @@ FD_SCHEMES = ("central", "forward")
 
 
 def default_rel_step(dtype: torch.dtype, scheme: str) -> float:
-    """``ε_mach^{1/3}`` (central) or ``ε_mach^{1/2}`` (forward) of ``dtype``."""
+    """``ε_mach^{1/3}`` (central) or ``ε_mach^{1/2}`` (forward) of ``dtype``.
+
+    Example:
+        >>> round(default_rel_step(torch.float64, "central"), 9)
+        6.055e-06
+    """
     eps = torch.finfo(dtype).eps
     return eps ** (1 / 3) if scheme == "central" else eps**0.5
 
@@ -84,22 +96,43 @@ def draw_param_probes(
 ) -> list[Tensor]:
     """One probe per parameter (state dtype), from one flat draw over all of them."""
     total = sum(p.numel() for p in params)
-    dtype = state_dtype(params[0])
+    dtype = working_dtype(params[0].dtype)
     flat = draw_probes(total, 1, distribution, dtype=dtype, device=params[0].device, generator=generator)[:, 0]
     out, offset = [], 0
     for p in params:
-        out.append(flat[offset : offset + p.numel()].view_as(p).to(state_dtype(p)))
+        out.append(flat[offset : offset + p.numel()].view_as(p).to(working_dtype(p.dtype)))
         offset += p.numel()
     return out
 
 
 def _grads(params: Sequence[Tensor]) -> list[Tensor]:
+    """Copies (never references: an in-place zeroing closure would overwrite them) in the working dtype."""
     return [
-        torch.zeros(p.shape, dtype=state_dtype(p), device=p.device)
+        torch.zeros(p.shape, dtype=working_dtype(p.dtype), device=p.device)
         if p.grad is None
-        else p.grad.to(state_dtype(p), copy=True)
+        else p.grad.to(working_dtype(p.dtype), copy=True)
         for p in params
     ]
+
+
+def fd_step(params: Sequence[Tensor], probes: Sequence[Tensor], scheme: str, rel_step: float | None = None) -> float:
+    """The finite-difference step ``ε = t · max(1, ‖θ‖₂) / ‖u‖₂`` (module doc), ``t`` from the
+    least precise parameter dtype unless ``rel_step`` is given.
+
+    Example:
+        >>> w = [torch.ones(4, dtype=torch.float64), torch.ones(4, dtype=torch.bfloat16)]
+        >>> u = [torch.ones(4, dtype=torch.float64), torch.ones(4)]
+        >>> round(fd_step(w, u, "forward"), 4)  # sqrt(ε_mach(bfloat16)) = 0.0884, as ‖θ‖ = ‖u‖
+        0.0884
+    """
+    if rel_step is None:
+        coarsest = max({p.dtype for p in params}, key=lambda d: torch.finfo(d).eps)
+        rel_step = default_rel_step(coarsest, scheme)
+    theta_norm = torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(p.detach(), dtype=torch.float64).cpu() for p in params]))
+    probe_norm = torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(u, dtype=torch.float64).cpu() for u in probes]))
+    return float(rel_step * torch.clamp(theta_norm, min=1.0) / probe_norm.clamp_min(1e-300))
 
 
 @torch.no_grad()
@@ -112,25 +145,18 @@ def fd_products(
     rel_step: float | None = None,
     rng: RNGReplay | None = None,
     model: nn.Module | None = None,
-    base_grads: Sequence[Tensor] | None = None,
 ) -> list[Tensor]:
     """``H u`` per parameter by finite differences of the closure's gradients (see the module doc).
 
-    ``base_grads`` (the gradients at ``θ``, state dtype) are needed for ``scheme="forward"``.
+    The gradients present on entry are the gradients at ``θ`` (the step's own closure call): the
+    forward scheme differences against a copy of them, and they are what ``.grad`` holds on exit.
     """
     if scheme not in FD_SCHEMES:
         raise ValueError(f"fd_scheme must be one of {FD_SCHEMES}, got {scheme!r}")
-    if scheme == "forward" and base_grads is None:
-        raise ValueError("forward differences need the gradients at the current parameters")
-    t = default_rel_step(params[0].dtype, scheme) if rel_step is None else float(rel_step)
+    eps = fd_step(params, probes, scheme, rel_step)
     saved_params = [p.detach().clone() for p in params]
-    saved_grads = [p.grad for p in params]
-    saved_buffers = [b.detach().clone() for b in model.buffers()] if model is not None else []
-    theta_norm = torch.linalg.vector_norm(torch.stack(
-        [torch.linalg.vector_norm(p.detach(), dtype=torch.float64) for p in params]))
-    probe_norm = torch.linalg.vector_norm(torch.stack(
-        [torch.linalg.vector_norm(u, dtype=torch.float64) for u in probes]))
-    eps = float(t * torch.clamp(theta_norm, min=1.0) / probe_norm.clamp_min(1e-300))
+    grad_objects = [p.grad for p in params]
+    base = _grads(params)  # copies: an in-place zeroing closure overwrites the .grad tensors
 
     def grads_at(sign: float) -> list[Tensor]:
         for p, p0, u in zip(params, saved_params, probes):
@@ -141,14 +167,12 @@ def fd_products(
         if rng is not None:
             rng.replay()
         try:
-            evaluate_closure(closure, what="a finite-difference curvature estimate")
+            with buffers_restored(model):
+                evaluate_closure(closure, what="a finite-difference curvature estimate")
             return _grads(params)
         finally:
             for p, p0 in zip(params, saved_params):
                 p.copy_(p0)
-            if model is not None:
-                for b, b0 in zip(model.buffers(), saved_buffers):
-                    b.copy_(b0)
 
     try:
         if scheme == "central":
@@ -156,9 +180,11 @@ def fd_products(
             out = [gp.sub_(gm).div_(2 * eps) for gp, gm in zip(plus, minus)]
         else:
             plus = grads_at(1.0)
-            out = [gp.sub_(g0).div_(eps) for gp, g0 in zip(plus, base_grads)]  # type: ignore[arg-type]
+            out = [gp.sub_(g0).div_(eps) for gp, g0 in zip(plus, base)]
     finally:
-        for p, g in zip(params, saved_grads):
+        for p, g, g0 in zip(params, grad_objects, base):
+            if g is not None:
+                g.copy_(g0)  # the same tensor object the step's closure left, with its values
             p.grad = g
         if rng is not None:
             rng.finish()
@@ -166,22 +192,77 @@ def fd_products(
     return out
 
 
-def _all_finite(t: Tensor) -> bool:
-    # A norm is NaN/inf exactly when some entry is (and is 25x cheaper than isfinite().all()),
-    # except for overflow of huge finite entries, which is as unusable.
-    return bool(torch.isfinite(torch.linalg.vector_norm(t)))
+def hutchinson_refresh(
+    optimizer: Any,
+    closure: Callable[[], Any] | None,
+    *,
+    refresh: bool | Callable[[list[Tensor]], bool],
+    curvature: Any,
+    scheme: str,
+    model: nn.Module | None,
+    what: str,
+) -> tuple[Tensor | None, list[tuple[dict[str, Any], Tensor]], dict[Tensor, Tensor]]:
+    """The first half of a Sophia-H or AdaHessian step: the closure call, the parameters with
+    gradients and, on refresh steps, the Hutchinson estimates ``u ⊙ Hu`` per parameter (finite
+    differences through ``closure``, or exact products of the operator ``curvature``).
+    ``refresh`` may be a function of the parameters that have gradients.
+
+    Returns ``(loss or None, [(group, param)], {param: u ⊙ Hu})``. Nothing is updated.
+    """
+    t = optimizer.global_step + 1
+    if refresh is True and closure is None and curvature is None:
+        evaluate_closure(None, what=f"{what} refresh step {t}")
+    rng, loss = None, None
+    if closure is not None:
+        if curvature is None and refresh is not False:  # replayed for the finite-difference calls only
+            rng = RNGReplay([p for g in optimizer.param_groups for p in g["params"]])
+        loss = evaluate_closure(closure, what=f"{what} step {t}")
+        if rng is not None:
+            rng.mark_after()
+    items = list(optimizer._params_with_grad())
+    params = [p for _, p in items]
+    check_finite_grads(params, t)
+    if callable(refresh):
+        refresh = bool(refresh(params))
+        if refresh and closure is None and curvature is None:
+            evaluate_closure(None, what=f"{what} refresh step {t}")
+    estimates: dict[Tensor, Tensor] = {}
+    if refresh and params:
+        probes = draw_param_probes(params, optimizer.generator)
+        if curvature is not None:
+            products = operator_products(curvature, params, probes)
+        else:
+            products = fd_products(params, closure, probes, scheme=scheme, rng=rng, model=model)  # type: ignore[arg-type]
+        estimates = {p: u * hu for p, u, hu in zip(params, probes, products)}
+    return loss, items, estimates
+
+
+def _first_non_finite(tensors: Sequence[Tensor]) -> int | None:
+    """Index of the first tensor with a NaN/inf entry, or None; one device sync for all of them.
+
+    A norm is NaN/inf exactly when some entry is (and is 25x cheaper than ``isfinite().all()``),
+    except for overflow of huge finite entries, which are as unusable.
+    """
+    if not tensors:
+        return None
+    norms = torch.stack([torch.linalg.vector_norm(t).to(device=tensors[0].device, dtype=torch.float32)
+                         for t in tensors])
+    finite = torch.isfinite(norms)
+    if bool(finite.all()):
+        return None
+    return int(torch.nonzero(~finite)[0, 0])
 
 
 def check_finite_products(products: Sequence[Tensor]) -> None:
-    for i, hu in enumerate(products):
-        if not _all_finite(hu):
-            raise NonFiniteError(f"the curvature estimate of parameter {i} is not finite; nothing was updated")
+    i = _first_non_finite(products)
+    if i is not None:
+        raise NonFiniteError(f"the curvature estimate of parameter {i} is not finite; nothing was updated")
 
 
 def check_finite_grads(params: Sequence[Tensor], step: int) -> None:
-    for i, p in enumerate(params):
-        if not _all_finite(p.grad):
-            raise NonFiniteError(f"the gradient of parameter {i} is not finite at step {step}; nothing was updated")
+    i = _first_non_finite([p.grad for p in params])  # type: ignore[misc]
+    if i is not None:
+        raise NonFiniteError(f"the gradient of parameter {i} is not finite at step {step}; nothing was updated")
 
 
 @torch.no_grad()
@@ -193,11 +274,11 @@ def operator_products(op: Any, params: Sequence[Tensor], probes: Sequence[Tensor
     not update get a zero probe.
     """
     if not isinstance(op, LinearOperator):
-        raise TypeError(f"hessian must be a curvature operator (e.g. curvature.Hessian(model, loss_fn, batch)), "
+        raise TypeError(f"curvature must be a curvature operator (e.g. curvature.Hessian(model, loss_fn, batch)), "
                         f"got {type(op).__name__}")
     op_params = getattr(op, "params", None)
     if op_params is None:
-        raise TypeError("hessian must be a model operator with .params (curvature.Hessian, GGN, Fisher, ...)")
+        raise TypeError("curvature must be a model operator with .params (curvature.Hessian, GGN, Fisher, ...)")
     index = {id(q): i for i, q in enumerate(op_params)}
     missing = [i for i, p in enumerate(params) if id(p) not in index]
     if missing:
@@ -207,6 +288,6 @@ def operator_products(op: Any, params: Sequence[Tensor], probes: Sequence[Tensor
     for p, u in zip(params, probes):
         pieces[index[id(p)]] = u.to(op.dtype)
     Hu = op.unflatten(op @ op.flatten(pieces))
-    out = [Hu[index[id(p)]].to(state_dtype(p)) for p in params]
+    out = [Hu[index[id(p)]].to(working_dtype(p.dtype)) for p in params]
     check_finite_products(out)
     return out

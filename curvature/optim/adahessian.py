@@ -8,23 +8,10 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_choice, check_real
-from ._common import (
-    CurvatureOptimizer,
-    check_betas,
-    check_nonnegative,
-    check_period,
-    evaluate_closure,
-    state_dtype,
-)
-from ._hessian_diagonal import (
-    FD_SCHEMES,
-    RNGReplay,
-    check_finite_grads,
-    draw_param_probes,
-    fd_products,
-    operator_products,
-)
+from .. import working_dtype
+from ..checks import check_betas, check_choice, check_count, check_real
+from ._common import CurvatureOptimizer
+from ._hessian_diagonal import FD_SCHEMES, hutchinson_refresh
 
 __all__ = ["AdaHessian", "adahessian_update", "spatial_average"]
 
@@ -70,8 +57,10 @@ def adahessian_update(
 ) -> None:
     """One AdaHessian update of ``param`` in place (``exp_hessian_sq`` already refreshed).
 
-    ``m ← β1 m + (1 − β1) g``; ``denom = (sqrt(v / (1 − β2^r)))^k + eps`` with ``r`` the number
-    of curvature refreshes so far; ``θ ← θ − lr (m / (1 − β1^t) / denom + wd θ)``.
+    ``m ← β1 m + (1 − β1) g``; ``denom = (sqrt(v / (1 − β2^r)))^k + eps`` with ``t`` the number
+    of steps and ``r`` the number of curvature refreshes of this parameter so far (per-parameter
+    counts, as ``torch.optim.Adam``'s ``state["step"]``); ``θ ← θ − lr (m / (1 − β1^t) / denom +
+    wd θ)``.
 
     Example:
         >>> p, m, v = torch.tensor([1.0]), torch.zeros(1), torch.tensor([2.0])
@@ -108,21 +97,22 @@ class AdaHessian(CurvatureOptimizer):
     * ``m ← β1 m + (1 − β1) g``; ``θ ← θ − lr (m / (1 − β1^t) / ((sqrt(v / (1 − β2^r)))^p + eps)
       + wd θ)`` with ``p = hessian_power`` (decoupled weight decay, as the official code).
 
-    ``v`` is bias-corrected with the number of refreshes ``r``, not the step count (so
-    ``update_period > 1`` is not under-corrected), and the first step already has an estimate (no
-    ``eps``-sized denominator). Negative curvature gets a positive denominator ``|D̃|``, so steps
+    The counts are per parameter (``state["step"]`` and ``state["hessian_step"]``, as
+    ``torch.optim.Adam`` and the official code): a parameter that first gets a gradient late
+    (progressive unfreezing, a head added later, an expert without tokens) takes a first step, not
+    a scaled-down one. ``v`` is bias-corrected with the number of refreshes ``r``, not the step
+    count (so ``update_period > 1`` is not under-corrected), and the first step already has an
+    estimate (no ``eps``-sized denominator). Negative curvature gets a positive denominator ``|D̃|``, so steps
     near a saddle are gradient-like and move away from it.
 
     ``H u`` comes from finite differences of the closure's gradients (``fd_scheme="forward"`` by
     default: one extra closure call per refresh; ``"central"``: two) or, with
-    ``opt.step(closure, hessian=op)``, from a curvature operator (exact). The user's closure is
+    ``opt.step(closure, curvature=op)``, from a curvature operator (exact). The user's closure is
     the standard one, no ``create_graph``.
 
-    **Which ``hessian_power``?** On an ill-conditioned logistic regression (see
-    :mod:`curvature.optim` and ``tests/optim``), ``hessian_power=1`` did not beat Adam at its best
-    learning rate, while ``hessian_power=0.5`` did: start from ``hessian_power=0.5`` with
-    ``lr`` about 0.1-0.3 on badly scaled problems; 1.0 (the paper's default, kept here) is the
-    faithful setting for vision models with the paper's ``lr=0.15``.
+    ``hessian_power`` ``p`` interpolates between Adam-like (``p → 0``: ``lr`` acts as an absolute
+    step) and diagonal-Newton (``p = 1``: the step ``−lr · g / |D̃|`` is scale-free) steps; ``1``
+    is the paper's default and the setting the comparisons in ``docs/optimizers.md`` use.
 
     Args:
         params: parameters or parameter groups.
@@ -133,7 +123,8 @@ class AdaHessian(CurvatureOptimizer):
         signed_average: average the signed estimate (the paper's form) instead of magnitudes.
         fd_scheme: ``"forward"`` or ``"central"``.
         generator: probe generator (seed it identically on every data-parallel rank).
-        model: optional module whose buffers are restored after the extra closure calls.
+        model: optional module all of whose buffers are restored after the extra closure calls
+            (without it, the buffers of every module the closure calls are).
 
     Example:
         >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
@@ -167,7 +158,7 @@ class AdaHessian(CurvatureOptimizer):
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power)
         self._check_group(defaults)
-        self.update_period = check_period(update_period)
+        self.update_period = check_count(update_period, name="update_period")
         self.spatial_average = bool(spatial_average)
         self.signed_average = bool(signed_average)
         self.fd_scheme = check_choice(fd_scheme, name="fd_scheme", choices=FD_SCHEMES)
@@ -181,7 +172,7 @@ class AdaHessian(CurvatureOptimizer):
         check_real(group["lr"], name="lr", low=0.0, low_open=True)
         check_betas(group["betas"])
         check_real(group["eps"], name="eps", low=0.0, low_open=True)
-        check_nonnegative(group["weight_decay"], "weight_decay")
+        check_real(group["weight_decay"], name="weight_decay", low=0.0)
         check_real(group["hessian_power"], name="hessian_power", low=0.0, high=1.0, low_open=True)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -194,46 +185,40 @@ class AdaHessian(CurvatureOptimizer):
         return D.abs()
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None, *, hessian: Any = None) -> Any:
-        """One AdaHessian step; ``closure`` is required on refresh steps (every step by default)."""
+    def step(self, closure: Callable[[], Any] | None = None, *, curvature: Any = None) -> Any:
+        """One AdaHessian step; ``closure`` is required on refresh steps (every step by default)
+        unless ``curvature=`` (a curvature operator over the parameters) gives the products."""
         t = self.global_step + 1
         due = (t - 1) % self.update_period == 0
-        loss, rng = None, None
-        if due and closure is None and hessian is None:
-            evaluate_closure(None, what=f"AdaHessian refresh step {t}")
-        if closure is not None:
-            rng = RNGReplay([p for g in self.param_groups for p in g["params"]]) if due and hessian is None else None
-            loss = evaluate_closure(closure, what=f"AdaHessian step {t}")
-            if rng is not None:
-                rng.mark_after()
-        items = list(self._params_with_grad())
-        params = [p for _, p in items]
-        check_finite_grads(params, t)
-        curv: dict[Tensor, Tensor] = {}
-        if due and params:
-            probes = draw_param_probes(params, self._generator)
-            if hessian is not None:
-                products = operator_products(hessian, params, probes)
-            else:
-                base = [p.grad.to(state_dtype(p)) for p in params] if self.fd_scheme == "forward" else None
-                products = fd_products(params, closure, probes, scheme=self.fd_scheme, rng=rng, model=self.model,
-                                       base_grads=base)
-            curv = {p: self._curvature(u * hu) for p, u, hu in zip(params, probes, products)}
-        glob = self._global
-        refreshes = glob["num_refreshes"] + (1 if due else 0)
+
+        def refresh(params: list[Tensor]) -> bool:
+            # Also when a parameter has its first gradient between scheduled refreshes: with no
+            # estimate its denominator would be eps (the update_period > 1 explosion).
+            return due or any(self.state[p].get("hessian_step", 0) == 0 for p in params)
+
+        loss, items, estimates = hutchinson_refresh(
+            self, closure, refresh=refresh, curvature=curvature, scheme=self.fd_scheme, model=self.model,
+            what="AdaHessian",
+        )
         for group, p in items:
             state = self.state[p]
             if "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros(p.shape, dtype=state_dtype(p), device=p.device)
-                state["exp_hessian_diag_sq"] = torch.zeros(p.shape, dtype=state_dtype(p), device=p.device)
+                state["exp_avg"] = torch.zeros(p.shape, dtype=working_dtype(p.dtype), device=p.device)
+                state["exp_hessian_diag_sq"] = torch.zeros(p.shape, dtype=working_dtype(p.dtype), device=p.device)
+                state["step"] = 0
+                state["hessian_step"] = 0
             beta1, beta2 = group["betas"]
-            if p in curv:
-                state["exp_hessian_diag_sq"].mul_(beta2).addcmul_(curv[p], curv[p], value=1 - beta2)
+            if p in estimates:
+                D = self._curvature(estimates[p])
+                state["exp_hessian_diag_sq"].mul_(beta2).addcmul_(D, D, value=1 - beta2)
+                state["hessian_step"] += 1
+            state["step"] += 1
             adahessian_update(
-                p, p.grad, state["exp_avg"], state["exp_hessian_diag_sq"], step=t, num_refreshes=refreshes,
-                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                hessian_power=group["hessian_power"],
+                p, p.grad, state["exp_avg"], state["exp_hessian_diag_sq"], step=state["step"],
+                num_refreshes=state["hessian_step"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"], hessian_power=group["hessian_power"],
             )
+        glob = self._global
         glob["global_step"] = t
-        glob["num_refreshes"] = refreshes
+        glob["num_refreshes"] += 1 if estimates else 0
         return loss

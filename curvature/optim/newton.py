@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 
 from .. import CGInverse, LinearOperator, NegativeCurvatureError
 from ..checks import check_count, check_real
+from ._buffers import buffers_restored
 from ._common import NonFiniteError, evaluate_closure
 
 __all__ = ["GradientRegularizedNewton", "NewtonStepInfo"]
@@ -35,6 +36,9 @@ class NewtonStepInfo:
             ``B + λI``).
         accepted: whether the parameters moved.
         cg_iterations: CG iterations over all trials.
+        converged: the step found nothing left to do (``‖g‖ <= grad_tol``, a trial that changes
+            the loss only in its last bits, or no parameter at all), so the remaining trials were
+            not run.
 
     Example:
         >>> NewtonStepInfo(1, 1.0, 0.5, 2.0, 2.0, 2.0, 1, 0, True, 3).to_dict()["accepted"]
@@ -51,6 +55,7 @@ class NewtonStepInfo:
     rejections: int
     accepted: bool
     cg_iterations: int
+    converged: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,7 +75,17 @@ class GradientRegularizedNewton(Optimizer):
        forcing term); calls ``closure`` at ``θ + s``; on the decrease test ``γ ← 2γ`` and stop,
        otherwise (or on a non-finite loss, or when CG meets negative curvature of an indefinite
        Hessian) the parameters are restored bit-exactly and ``γ ← max(γ/2, γ_min)``;
-    3. if every trial failed the parameters stay where they were (never a rejected step).
+    3. if every trial failed the parameters stay where they were (never a rejected step), and
+       ``.grad`` holds the gradient at ``θ`` again.
+
+    Stopping: a step with ``‖g‖ <= grad_tol`` runs no trial; a rejected trial whose loss differs
+    from ``f(θ)`` by at most ``8 ε_mach |f(θ)|`` (the decrease test cannot decide), or whose step
+    changes no parameter in floating point, ends the step; these set
+    ``last_step_info.converged``. A rejection at ``γ = gamma_min`` also ends the step (the next
+    trial would repeat it). Without them, once converged every step would spend all
+    ``max_trials`` trials (the decrease test cannot pass when ``f`` changes only in its last
+    bits). The extra closure calls of the trials leave the buffers of the modules they call
+    (BatchNorm statistics) as they were.
 
     Doubling ``γ`` makes ``λ`` shrink geometrically while the model is good (a Newton-like,
     superlinear tail); halving it makes the step a short, gradient-like one. The closure must
@@ -98,6 +113,7 @@ class GradientRegularizedNewton(Optimizer):
         cg_max_iter: CG iteration cap per solve (the last iterate is used if it is hit).
         cg_tol: fixed relative CG tolerance instead of the forcing rule ``min(0.1, ‖g‖^{1/2})``
             (tight values make every trial on a quadratic acceptable; the forcing rule is cheaper).
+        grad_tol: no trial is run when ``‖g‖ <= grad_tol`` (``0``: only the round-off stop).
 
     Weight decay is not an option: put an L2 term in the loss. Note that a GGN or Fisher covers
     only the part of the loss that goes through the model's outputs: a penalty on the parameters
@@ -135,6 +151,7 @@ class GradientRegularizedNewton(Optimizer):
         max_trials: int = 40,
         cg_max_iter: int = 200,
         cg_tol: float | None = None,
+        grad_tol: float = 0.0,
     ):
         defaults = dict(
             gamma=check_real(gamma, name="gamma", low=0.0, low_open=True),
@@ -143,6 +160,7 @@ class GradientRegularizedNewton(Optimizer):
             cg_max_iter=check_count(cg_max_iter, name="cg_max_iter"),
             cg_tol=None if cg_tol is None else check_real(cg_tol, name="cg_tol", low=0.0, high=1.0,
                                                           low_open=True, high_open=True),
+            grad_tol=check_real(grad_tol, name="grad_tol", low=0.0),
         )
         if defaults["gamma_min"] > defaults["gamma"]:
             raise ValueError(f"gamma_min must be <= gamma, got gamma_min={gamma_min}, gamma={gamma}")
@@ -182,7 +200,9 @@ class GradientRegularizedNewton(Optimizer):
             raise TypeError("GradientRegularizedNewton.step needs curvature=, an operator such as "
                             "curvature.GGN(model, loss_fn, (X, y)) of the closure's batch")
         params = self._operator_params(curvature)
-        grads0 = [p.grad for p in params]
+        grad_objects = [p.grad for p in params]
+        # Copies: an in-place zeroing closure overwrites the .grad tensors during the trials.
+        grads0 = [None if g is None else g.detach().clone() for g in grad_objects]
         g = curvature.flatten([torch.zeros_like(p) if p.grad is None else p.grad for p in params]).to(curvature.dtype)
         if not bool(torch.isfinite(g).all()):
             raise NonFiniteError("the gradient is not finite; nothing was updated")
@@ -192,10 +212,12 @@ class GradientRegularizedNewton(Optimizer):
         group = self.param_groups[0]
         gamma, gamma_min = float(glob["gamma"]), float(group["gamma_min"])
         f0 = float(loss.detach())
+        f_eps = torch.finfo(loss.dtype).eps if loss.is_floating_point() else torch.finfo(torch.float32).eps
         x0 = [p.detach().clone() for p in params]
         trials = rejections = cg_iters = 0
         accepted, new_loss, lam = False, f0, math.nan
-        if gnorm > 0:
+        converged = gnorm <= group["grad_tol"]
+        if gnorm > 0 and not converged:
             for _ in range(group["max_trials"]):
                 trials += 1
                 lam = gnorm / gamma
@@ -210,8 +232,13 @@ class GradientRegularizedNewton(Optimizer):
                     continue
                 for p, p0, si in zip(params, x0, curvature.unflatten(s)):
                     p.copy_(p0 + si.to(p.dtype))
+                if all(torch.equal(p, p0) for p, p0 in zip(params, x0)):
+                    converged = True  # the step is below round-off; larger λ only shortens it
+                    rejections += 1
+                    break
                 try:
-                    f_new = float(evaluate_closure(closure, what="a GradientRegularizedNewton trial").detach())
+                    with buffers_restored():
+                        f_new = float(evaluate_closure(closure, what="a GradientRegularizedNewton trial").detach())
                     g_new = torch.sqrt(sum(
                         (torch.zeros((), dtype=torch.float64) if p.grad is None else p.grad.double().square().sum())
                         for p in params
@@ -224,14 +251,23 @@ class GradientRegularizedNewton(Optimizer):
                     gamma *= 2
                     break
                 rejections += 1
-                gamma = max(gamma / 2, gamma_min)
                 for p, p0 in zip(params, x0):
                     p.copy_(p0)
+                if abs(f0 - f_new) <= 8 * f_eps * abs(f0):
+                    converged = True  # f changed only in its last bits: the test cannot decide
+                    gamma = max(gamma / 2, gamma_min)
+                    break
+                if gamma <= gamma_min:
+                    break  # the next trial would repeat this one (same λ)
+                gamma = max(gamma / 2, gamma_min)
             if not accepted:
-                for p, p0, g0 in zip(params, x0, grads0):
+                for p, p0, obj, g0 in zip(params, x0, grad_objects, grads0):
                     p.copy_(p0)
-                    p.grad = g0
+                    if obj is not None and g0 is not None:
+                        obj.copy_(g0)  # the tensor the step's closure left, with its values
+                    p.grad = obj
         glob["gamma"] = gamma
         glob["global_step"] = t
-        self.last_step_info = NewtonStepInfo(t, f0, new_loss, gnorm, gamma, lam, trials, rejections, accepted, cg_iters)
+        self.last_step_info = NewtonStepInfo(t, f0, new_loss, gnorm, gamma, lam, trials, rejections, accepted,
+                                             cg_iters, converged)
         return loss

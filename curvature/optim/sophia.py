@@ -10,24 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_choice, check_real
-from ._common import (
-    CurvatureOptimizer,
-    NonFiniteError,
-    check_betas,
-    check_nonnegative,
-    check_period,
-    evaluate_closure,
-    state_dtype,
-)
-from ._hessian_diagonal import (
-    FD_SCHEMES,
-    RNGReplay,
-    check_finite_grads,
-    draw_param_probes,
-    fd_products,
-    operator_products,
-)
+from .. import select_output, working_dtype
+from ..checks import check_betas, check_choice, check_count, check_real
+from ._common import CurvatureOptimizer, NonFiniteError
+from ._hessian_diagonal import FD_SCHEMES, hutchinson_refresh
 
 __all__ = ["Sophia", "SophiaStepInfo", "sophia_update"]
 
@@ -86,6 +72,24 @@ def sophia_update(
         >>> [round(x, 6) for x in p.tolist()], n
         ([0.95, 3.9], 1)
     """
+    return int(_sophia_update(param, grad, exp_avg, hessian, lr=lr, beta1=beta1, rho=rho,
+                              weight_decay=weight_decay, eps=eps))
+
+
+def _sophia_update(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    hessian: Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    rho: float,
+    weight_decay: float,
+    eps: float,
+) -> Tensor:
+    """:func:`sophia_update` returning the unclipped count as a tensor (no device sync per
+    parameter: the step adds them up and reads the total once)."""
     dtype = exp_avg.dtype
     theta = param if param.dtype == dtype else param.to(dtype)  # in place for full precision
     if weight_decay:
@@ -94,7 +98,7 @@ def sophia_update(
     # One scratch buffer, in-place ops: the update is memory-bound.
     ratio = torch.mul(hessian, rho).clamp_min_(eps)
     torch.div(exp_avg, ratio, out=ratio).clamp_(-1.0, 1.0)
-    unclipped = ratio.numel() - int(torch.count_nonzero(ratio.abs_() == 1))
+    unclipped = ratio.numel() - torch.count_nonzero(ratio.abs_() == 1)
     # abs_ destroyed the signs: take them again from m (sign(ratio) = sign(m)).
     theta.addcmul_(ratio, exp_avg.sign(), value=-lr)
     if theta is not param:
@@ -122,10 +126,10 @@ class Sophia(CurvatureOptimizer):
     Estimators ``ĥ``:
 
     * ``"hutchinson"`` (Sophia-H): ``u ⊙ (H u)`` with one Rademacher probe ``u`` from
-      ``generator``. With a plain closure ``H u`` is a central finite difference of gradients
-      (two extra closure calls per refresh, no ``create_graph``): see
-      :mod:`curvature.optim` for the measured accuracy. ``opt.step(closure, hessian=op)`` with a
-      curvature operator (``curvature.Hessian(model, loss_fn, batch)``) gives exact products.
+      ``generator``. With a plain closure ``H u`` is a finite difference of gradients (no
+      ``create_graph``; ``fd_scheme``: see :mod:`curvature.optim` for the accuracy of each
+      scheme). ``opt.step(closure, curvature=op)`` with a curvature operator
+      (``curvature.Hessian(model, loss_fn, batch)``) gives exact products.
     * ``"gnb"`` (Sophia-G, Gauss-Newton-Bartlett): call :meth:`update_curvature` with the model
       and a batch of inputs whenever :attr:`curvature_due` is true, before :meth:`step`. It
       samples labels from the model's predictive distribution and sets ``ĥ = B · ĝ ⊙ ĝ``, where
@@ -148,12 +152,15 @@ class Sophia(CurvatureOptimizer):
         eps: floor of the denominator.
         update_period: ``k``, curvature refreshes every ``k`` steps.
         estimator: ``"hutchinson"`` or ``"gnb"``.
-        fd_scheme: ``"central"`` (default) or ``"forward"`` finite differences.
+        fd_scheme: ``"forward"`` (default: one extra closure call per refresh) or ``"central"``
+            (two) finite differences; both errors are far below one probe's noise, and training
+            curves do not tell them apart (``docs/optimizers.md``).
         hessian_timing: ``"paper"`` or ``"official"`` (see above).
         generator: probe / label generator (seed it identically on every data-parallel rank);
             ``None``: a fresh OS-seeded one.
-        model: optional module whose buffers (BatchNorm statistics) are restored after the
-            finite-difference closure calls.
+        model: optional module all of whose buffers are restored after the finite-difference
+            closure calls (without it, the buffers of every module the closure calls are: the
+            step leaves BatchNorm statistics as one closure call does).
 
     Example:
         >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
@@ -181,13 +188,13 @@ class Sophia(CurvatureOptimizer):
         eps: float = 1e-15,
         update_period: int = 10,
         estimator: str = "hutchinson",
-        fd_scheme: str = "central",
+        fd_scheme: str = "forward",
         hessian_timing: str = "paper",
         generator: torch.Generator | None = None,
         model: nn.Module | None = None,
     ):
         defaults = dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps)
-        self.update_period = check_period(update_period)
+        self.update_period = check_count(update_period, name="update_period")
         self.estimator = check_choice(estimator, name="estimator", choices=ESTIMATORS)
         self.fd_scheme = check_choice(fd_scheme, name="fd_scheme", choices=FD_SCHEMES)
         self.hessian_timing = check_choice(hessian_timing, name="hessian_timing", choices=TIMINGS)
@@ -204,7 +211,7 @@ class Sophia(CurvatureOptimizer):
         check_real(group["lr"], name="lr", low=0.0, low_open=True)
         check_betas(group["betas"])
         check_real(group["rho"], name="rho", low=0.0, low_open=True)
-        check_nonnegative(group["weight_decay"], "weight_decay")
+        check_real(group["weight_decay"], name="weight_decay", low=0.0)
         check_real(group["eps"], name="eps", low=0.0, low_open=True)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -234,7 +241,10 @@ class Sophia(CurvatureOptimizer):
     ) -> None:
         """Draw the Gauss-Newton-Bartlett estimate ``B · ĝ ⊙ ĝ`` for the next step (Sophia-G).
 
-        ``model(inputs)`` must return logits ``(..., C)`` (or ``outputs(model(inputs))`` must);
+        ``model(inputs)`` must return logits ``(..., C)``, an output with ``.logits`` or a dict with
+        a ``"logits"`` key (or ``outputs(model(inputs))`` must return the logits; the rule of
+        :func:`curvature.select_output`); the loss is computed in the logits' dtype (half
+        precision up-cast to float32);
         labels are sampled from ``softmax(logits)`` with the optimizer's generator, ``ĝ`` is the
         gradient of the mean cross-entropy over the ``B`` rows of the flattened logits (``num_terms``
         overrides ``B``, e.g. the global token count). ``.grad`` is not touched.
@@ -243,24 +253,22 @@ class Sophia(CurvatureOptimizer):
             raise ValueError("update_curvature is for estimator='gnb'; Sophia-H estimates from the closure")
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         with torch.enable_grad():
-            out = model(inputs)
-            if outputs is not None:
-                out = outputs(out)
-            elif not isinstance(out, Tensor) and hasattr(out, "logits"):
-                out = out.logits
-            if not isinstance(out, Tensor) or out.ndim < 2:
+            out = select_output(model(inputs), outputs, who="Sophia.update_curvature")
+            if out.ndim < 2:
                 raise TypeError("update_curvature needs logits of shape (..., num_classes) from the model")
             logits = out.reshape(-1, out.shape[-1])
-            probs = torch.softmax(logits.detach().float(), dim=-1)
+            # Half precision is up-cast for the softmax and the loss; float32/float64 stay exact.
+            logits = logits.to(working_dtype(logits.dtype))
+            probs = torch.softmax(logits.detach(), dim=-1)
             labels = torch.multinomial(probs.to(self._generator.device), 1, generator=self._generator)
             labels = labels.view(-1).to(logits.device)
-            loss = F.cross_entropy(logits.float(), labels)
+            loss = F.cross_entropy(logits, labels)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-        terms = logits.shape[0] if num_terms is None else check_period(num_terms, "num_terms")
+        terms = logits.shape[0] if num_terms is None else check_count(num_terms, name="num_terms")
         pending = {}
         for p, g in zip(params, grads):
             if g is not None:
-                est = g.to(state_dtype(p)).square().mul_(terms)
+                est = g.to(working_dtype(p.dtype)).square().mul_(terms)
                 if not bool(torch.isfinite(est).all()):
                     raise NonFiniteError("the Gauss-Newton-Bartlett estimate is not finite; nothing was updated")
                 pending[p] = est
@@ -268,59 +276,38 @@ class Sophia(CurvatureOptimizer):
 
     # -- step ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None, *, hessian: Any = None) -> Any:
+    def step(self, closure: Callable[[], Any] | None = None, *, curvature: Any = None) -> Any:
         """One Sophia step. ``closure`` is required on Sophia-H refresh steps (it is then called
-        once for the gradient and twice more for the finite difference, or once with
-        ``hessian=``, a curvature operator over the optimizer's parameters)."""
+        once for the gradient and, with ``fd_scheme="forward"``, once more for the finite
+        difference (twice for ``"central"``), or only once with ``curvature=``, a curvature
+        operator over the optimizer's parameters)."""
         t = self.global_step + 1
         due = self._due(t)
-        loss = None
-        rng = None
-        if closure is not None or (due and self.estimator == "hutchinson"):
-            if closure is None and hessian is None:
-                evaluate_closure(None, what=f"Sophia-H refresh step {t}")
-            if closure is not None:
-                # The RNG is replayed only for the finite-difference calls of refresh steps.
-                refresh_fd = due and self.estimator == "hutchinson" and hessian is None
-                rng = RNGReplay([p for g in self.param_groups for p in g["params"]]) if refresh_fd else None
-                loss = evaluate_closure(closure, what=f"Sophia step {t}")
-                if rng is not None:
-                    rng.mark_after()
-        items = list(self._params_with_grad())
-        params = [p for _, p in items]
-        check_finite_grads(params, t)
-        estimates: dict[Tensor, Tensor] = {}
-        if due and params:
-            if self.estimator == "hutchinson":
-                probes = draw_param_probes(params, self._generator)
-                if hessian is not None:
-                    products = operator_products(hessian, params, probes)
-                else:
-                    products = fd_products(params, closure, probes, scheme=self.fd_scheme, rng=rng, model=self.model,
-                                           base_grads=[p.grad.to(state_dtype(p)) for p in params]
-                                           if self.fd_scheme == "forward" else None)
-                estimates = {p: u * hu for p, u, hu in zip(params, probes, products)}
-            else:
-                if self._pending is None:
-                    raise RuntimeError(
-                        f"step {t} refreshes the Sophia-G curvature: call opt.update_curvature(model, inputs) "
-                        "before opt.step() when opt.curvature_due is True"
-                    )
-                estimates = self._pending
+        hutchinson = due and self.estimator == "hutchinson"
+        loss, items, estimates = hutchinson_refresh(
+            self, closure, refresh=hutchinson, curvature=curvature, scheme=self.fd_scheme, model=self.model,
+            what="Sophia",
+        )
+        if due and items and self.estimator == "gnb" and self._pending is None:
+            raise RuntimeError(
+                f"step {t} refreshes the Sophia-G curvature: call opt.update_curvature(model, inputs) "
+                "before opt.step() when opt.curvature_due is True"
+            )
         if self._pending is not None and self.estimator == "gnb":
             estimates, due = self._pending, True
         self._pending = None
 
-        unclipped, total = 0, 0
+        unclipped: Any = 0
+        total = 0
         for group, p in items:
             state = self.state[p]
             if "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros(p.shape, dtype=state_dtype(p), device=p.device)
-                state["hessian"] = torch.zeros(p.shape, dtype=state_dtype(p), device=p.device)
+                state["exp_avg"] = torch.zeros(p.shape, dtype=working_dtype(p.dtype), device=p.device)
+                state["hessian"] = torch.zeros(p.shape, dtype=working_dtype(p.dtype), device=p.device)
             beta1, beta2 = group["betas"]
             if due and p in estimates:
                 state["hessian"].mul_(beta2).add_(estimates[p], alpha=1 - beta2)
-            unclipped += sophia_update(
+            unclipped = unclipped + _sophia_update(
                 p, p.grad, state["exp_avg"], state["hessian"], lr=group["lr"], beta1=beta1, rho=group["rho"],
                 weight_decay=group["weight_decay"], eps=group["eps"],
             )
@@ -329,6 +316,6 @@ class Sophia(CurvatureOptimizer):
         glob["global_step"] = t
         if due:
             glob["num_refreshes"] += 1
-        win = unclipped / total if total else 0.0
+        win = int(unclipped) / total if total else 0.0
         self.last_step_info = SophiaStepInfo(t, bool(due), win, 1.0 - win)
         return loss

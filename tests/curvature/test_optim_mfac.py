@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from curvature.optim import MFAC
+from tests.cases import CLOSURES
 
 f64 = torch.float64
 
@@ -108,17 +109,20 @@ def test_state_dict_round_trip_resumes_exactly():
         assert torch.equal(a, b)
 
 
-def test_update_rule_matches_explicit_inverse_with_ema_momentum_and_coupled_weight_decay():
+@pytest.mark.parametrize("zeroing", list(CLOSURES))
+def test_update_rule_matches_explicit_inverse_with_ema_momentum_and_coupled_weight_decay(zeroing):
     # The M-FAC rule written out with a dense inverse, independent of the Woodbury code it uses:
     # F_t = λI + (1/m) Σ_{last m gradients} g gᵀ, u_t = F_t⁻¹ g_t, v ← μ v + (1 − μ) u, w ← w − lr v.
     mu, wd, lr, m, lam = 0.7, 0.1, 0.3, 3, 1e-2
     w = nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=f64))
     opt = MFAC([w], lr=lr, num_grads=m, damping=lam, momentum=mu, weight_decay=wd)
+    holder = nn.Module()
+    holder.w = w
     v = torch.zeros(3, dtype=f64)
     window: list[torch.Tensor] = []
     target = torch.tensor([0.3, 0.1, -0.4], dtype=f64)
     for step in range(7):
-        opt.zero_grad()
+        CLOSURES[zeroing](opt, holder)
         (((w - target) ** 2).sum() * (1 + step)).backward()
         # Each step is checked from the optimizer's own iterate, so rounding is not amplified
         # along the (ill-conditioned) trajectory.

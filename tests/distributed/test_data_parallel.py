@@ -166,7 +166,7 @@ def _single_process_optimizers() -> dict[str, list[torch.Tensor]]:
         for _ in range(3):
             model.zero_grad()
             ce(model(x), y).backward()
-            opt.step(hessian=Hessian(model, ce, (x, y)))
+            opt.step(curvature=Hessian(model, ce, (x, y)))
         out[f"{name}_operator"] = [p.detach().clone() for p in model.parameters()]
     return out
 

@@ -138,7 +138,7 @@ def _global_mean_gradients(model: nn.Module, loss_fn: Any, data: Any, total: int
 
 def optimizers(rank: int, world_size: int, save: Callable[[dict], None]) -> dict[str, Any]:
     """Sophia-H and AdaHessian under DDP (equal shards, gradients averaged by DDP, closure finite
-    differences) and with ``hessian=`` a data-parallel operator (uneven shards, exact products)."""
+    differences) and with ``curvature=`` a data-parallel operator (uneven shards, exact products)."""
     from curvature import DataParallelOperator, Hessian
     from curvature.optim import AdaHessian, Sophia
     from tests.distributed.problems import equal_shard, full_data
@@ -176,7 +176,7 @@ def optimizers(rank: int, world_size: int, save: Callable[[dict], None]) -> dict
         for _ in range(3):
             _global_mean_gradients(model, ce, data, total)
             with DataParallelOperator(Hessian(model, ce, data)) as H:
-                opt.step(hessian=H)
+                opt.step(curvature=H)
         out[f"{name}_operator"] = [p.detach().clone() for p in model.parameters()]
     out["mfac"] = _mfac_under_ddp(rank, world_size)
     return out

@@ -5,17 +5,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tests.cases import CLOSURES
+
 f64 = torch.float64
 
 
-def diagonal_quadratic(theta0, h, dtype=f64):
-    """``L(θ) = ½ Σ h_i θ_i²`` as a parameter and a standard closure factory."""
+def diagonal_quadratic(theta0, h, dtype=f64, zeroing="set_to_none"):
+    """``L(θ) = ½ Σ h_i θ_i²`` as a parameter and a standard closure factory (gradients zeroed the
+    way ``tests.cases.CLOSURES[zeroing]`` does)."""
     w = nn.Parameter(torch.tensor(theta0, dtype=dtype))
     h = torch.tensor(h, dtype=dtype)
+    holder = nn.Module()
+    holder.w = w
+    zero = CLOSURES[zeroing]
 
     def make_closure(opt):
         def closure():
-            opt.zero_grad()
+            zero(opt, holder)
             loss = 0.5 * (h * w**2).sum()
             loss.backward()
             return loss

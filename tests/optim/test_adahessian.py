@@ -7,16 +7,16 @@ import pytest
 import torch
 from torch import nn
 
-from curvature.optim import AdaHessian
-from curvature.optim._common import NonFiniteError
+from curvature.optim import AdaHessian, NonFiniteError
 from curvature.optim.adahessian import spatial_average
+from tests.cases import CLOSURES
 from tests.optim.problems import classification_batches, diagonal_quadratic, f64, mlp
 
 HAND = dict(lr=0.1, betas=(0.5, 0.5), eps=1e-4)
 
 
-def _run(h, steps=3, **kwargs):
-    w, make_closure = diagonal_quadratic([1.0, 4.0], h)
+def _run(h, steps=3, zeroing="set_to_none", **kwargs):
+    w, make_closure = diagonal_quadratic([1.0, 4.0], h, zeroing=zeroing)
     opt = AdaHessian([w], generator=torch.Generator().manual_seed(0), **{**HAND, **kwargs})
     closure = make_closure(opt)
     path = []
@@ -35,22 +35,24 @@ def _run(h, steps=3, **kwargs):
      [0.890005, 4.35996, 0.788443, 4.740315, 0.695794, 5.145455]),
 ])
 @pytest.mark.parametrize("scheme", ["forward", "central"])
-def test_three_steps_by_hand(kwargs, convex, indefinite, scheme):
-    path, opt, w = _run([2.0, 0.5], fd_scheme=scheme, **kwargs)
+@pytest.mark.parametrize("zeroing", list(CLOSURES))
+def test_three_steps_by_hand(kwargs, convex, indefinite, scheme, zeroing):
+    path, opt, w = _run([2.0, 0.5], fd_scheme=scheme, zeroing=zeroing, **kwargs)
     assert path == pytest.approx(convex, abs=1e-6)
     if not kwargs:
         assert opt.state[w]["exp_hessian_diag_sq"].tolist() == pytest.approx([3.5, 0.21875], abs=1e-7)
-    path, _, _ = _run([2.0, -1.0], fd_scheme=scheme, **kwargs)
+    path, _, _ = _run([2.0, -1.0], fd_scheme=scheme, zeroing=zeroing, **kwargs)
     assert path == pytest.approx(indefinite, abs=1e-6)
     # Negative curvature: |θ2| grows every step, away from the saddle.
     assert path[1] < path[3] < path[5]
 
 
-def test_update_period_above_one_neither_explodes_nor_under_corrects():
+@pytest.mark.parametrize("zeroing", list(CLOSURES))
+def test_update_period_above_one_neither_explodes_nor_under_corrects(zeroing):
     # Regressions (pytorch_optimizer): with update_period > 1 its first step divided by eps
     # (θ ≈ -2e15), and it bias-corrected v with the step count instead of the refresh count.
-    path1, _, _ = _run([2.0, 0.5], steps=1)
-    path2, opt, w = _run([2.0, 0.5], steps=2, update_period=2)
+    path1, _, _ = _run([2.0, 0.5], steps=1, zeroing=zeroing)
+    path2, opt, w = _run([2.0, 0.5], steps=2, update_period=2, zeroing=zeroing)
     assert path2[:2] == pytest.approx(path1, abs=1e-12)
     # Step 2 reuses v = (2, 0.125) from one refresh: v̂ = v / (1 − 0.5¹), m̂ = m / (1 − 0.5²).
     m = torch.tensor([0.5 * 1.0 + 0.5 * 2 * path1[0], 0.5 * 1.0 + 0.5 * 0.5 * path1[1]], dtype=f64)

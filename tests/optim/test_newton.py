@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import curvature
-from curvature.optim import GradientRegularizedNewton
-from curvature.optim._common import NonFiniteError
+from curvature.optim import GradientRegularizedNewton, NonFiniteError
+from tests.cases import CLOSURES, make_closure
 from tests.optim.problems import f64
 
 
@@ -27,15 +27,10 @@ class Point(nn.Module):
         return self.x
 
 
-def _solve(model, loss_fn, iters, *, op=curvature.Hessian, tol=1e-8, **kwargs):
+def _solve(model, loss_fn, iters, *, op=curvature.Hessian, tol=1e-8, zeroing="set_to_none", **kwargs):
     data = (torch.zeros(1, dtype=f64), torch.zeros(1, dtype=f64))
     opt = GradientRegularizedNewton(model.parameters(), **kwargs)
-
-    def closure():
-        opt.zero_grad()
-        loss = loss_fn(model(data[0]), data[1])
-        loss.backward()
-        return loss
+    closure = make_closure(opt, model, loss_fn, data, zeroing)
 
     infos = []
     for _ in range(iters):
@@ -47,13 +42,14 @@ def _solve(model, loss_fn, iters, *, op=curvature.Hessian, tol=1e-8, **kwargs):
     return infos, opt
 
 
-def test_quadratic_every_trial_accepted_and_gamma_doubles():
+@pytest.mark.parametrize("zeroing", list(CLOSURES))
+def test_quadratic_every_trial_accepted_and_gamma_doubles(zeroing):
     gen = torch.Generator().manual_seed(0)
     Q = torch.randn(30, 30, generator=gen, dtype=f64)
     A = Q @ Q.T / 30 + 1e-3 * torch.eye(30, dtype=f64)
     b = torch.randn(30, generator=gen, dtype=f64)
     model = Point(torch.zeros(30))
-    infos, _ = _solve(model, lambda x, t: 0.5 * x @ A @ x - b @ x, 30, cg_tol=1e-13)
+    infos, _ = _solve(model, lambda x, t: 0.5 * x @ A @ x - b @ x, 30, cg_tol=1e-13, zeroing=zeroing)
     assert all(i.accepted and i.rejections == 0 for i in infos)
     assert [i.gamma for i in infos] == [2.0 ** (k + 1) for k in range(len(infos))]
     assert len(infos) <= 12
@@ -119,12 +115,13 @@ def test_fast_local_convergence_on_logistic_regression():
     assert best >= 10 * len(norms)
 
 
-def test_rosenbrock_with_the_exact_hessian_handles_negative_curvature():
+@pytest.mark.parametrize("zeroing", list(CLOSURES))
+def test_rosenbrock_with_the_exact_hessian_handles_negative_curvature(zeroing):
     def rosenbrock(x, t):
         return (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
 
     model = Point([-1.2, 1.0])
-    infos, _ = _solve(model, rosenbrock, 60)
+    infos, _ = _solve(model, rosenbrock, 60, zeroing=zeroing)
     assert model.x.detach().tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
     assert len(infos) <= 60
     losses = [i.new_loss for i in infos]
