@@ -50,7 +50,7 @@ def density_per_decade(density: SpectralDensity, part: str = "positive", *,
         return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
     trimmed = SpectralDensity(density.nodes, density.weights * kept, dim=density.dim)
     top = float(density.nodes.abs().max())
-    grid = torch.logspace(math.log10(floor), math.log10(top) + 0.5, 1024, dtype=torch.float64)
+    grid = torch.logspace(math.log10(floor), math.log10(top) + 0.2, 1024, dtype=torch.float64)
     lam, p = trimmed.evaluate_log(grid, part=part, epsilon=floor / 10, normalize=False)
     per_decade = p * lam * LN10
     area = float(torch.trapezoid(per_decade, lam.log10()))
@@ -91,8 +91,9 @@ def plot_spectrum(section: SpectrumSection, *, top: EigenResult | None, name: st
     ax2.set_ylim(bottom=0)
     if floor > 0:
         ax2.set_xlim(left=floor)
-        ax2.text(0.02, 0.97, f"|λ| < noise floor {floor:.2g} (d·ε·|λ|max):\n{100 * section.below_floor_mass:.1f}% "
-                 "of the spectrum, not drawn", transform=ax2.transAxes, va="top", fontsize=8, color="#555555")
+        ax2.text(0.02, 0.97, f"|λ| < noise floor {floor:.2g} (max of d·ε·|λ|max and SLQ σ):\n"
+                 f"{100 * section.below_floor_mass:.1f}% of the spectrum, not resolved: not drawn",
+                 transform=ax2.transAxes, va="top", fontsize=8, color="#555555")
     _marks(ax2, top)
     if bulk_edge is not None and math.isfinite(bulk_edge) and bulk_edge > 0:
         ax2.axvline(bulk_edge, color="tab:green", lw=1.2, ls=":", label="bulk edge (outlier analysis)")

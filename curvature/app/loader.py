@@ -72,7 +72,7 @@ def _call_builder(builder: Callable[..., Any], options: Mapping[str, Any]) -> An
 
 
 def load_problem(spec: str, **options: Any) -> Problem:
-    """Build the :class:`~curvature.app.problem.Problem` named by ``spec`` and validate its form.
+    r"""Build the :class:`~curvature.app.problem.Problem` named by ``spec`` and validate its form.
 
     Args:
         spec: ``module:function``, ``path/to/file.py:function`` or a built-in name (a key of
@@ -84,8 +84,14 @@ def load_problem(spec: str, **options: Any) -> Problem:
         BadProblemError: the builder returned something else than a ``Problem``.
 
     Example:
-        >>> load_problem("synthetic", seed=0).name
-        'built-in CNN (synthetic 10-class images)'
+        >>> import pathlib, tempfile
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (folder / "mine.py").write_text(
+        ...     "import torch\nfrom torch import nn\nfrom curvature.app import Problem\n"
+        ...     "def build(seed=0):\n"
+        ...     "    return Problem(nn.Linear(2, 1).eval(), nn.MSELoss(), (torch.zeros(4, 2), torch.zeros(4, 1)))\n")
+        >>> load_problem(f"{folder / 'mine.py'}:build", seed=1).name.endswith("mine.py:build")
+        True
     """
     unknown = sorted(set(options) - set(BUILDER_OPTIONS))
     if unknown:

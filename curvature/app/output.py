@@ -52,6 +52,12 @@ def _listed_files(path: str) -> set[str]:
         return set()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class StagedOutput:
     """An output folder filled in a fresh staging folder beside it and moved into place at the end.
 
@@ -113,6 +119,7 @@ class StagedOutput:
         try:
             os.makedirs(parent, exist_ok=True)
             self.path = tempfile.mkdtemp(prefix=f".{os.path.basename(self.target)}.partial-", dir=parent)
+            os.chmod(self.path, 0o777 & ~_umask())  # mkdtemp's 0o700 would become the folder's mode
         except OSError as exc:
             raise OutputError(f"--out {self.shown}: cannot write there ({exc.strerror or exc})") from exc
         return self
@@ -295,9 +302,11 @@ def _tables(report: CurvatureReport) -> list[tuple[str, list[str], list[list[str
             ["probes × Lanczos steps", f"{sp.density.num_probes} × {sp.density.num_steps}"],
             ["support", f"[{lo:.4g}, {hi:.4g}]"],
             ["spectral mass below −1% of λ1", f"{100 * sp.negative_mass:.2f}%"],
-            ["noise floor d·ε·|λ|max / mass below it", f"{sp.noise_floor:.3g} / {100 * sp.below_floor_mass:.1f}%"],
+            ["noise floor (the larger of d·ε·λmax and the SLQ kernel width)",
+             f"{sp.noise_floor:.3g}, with {100 * sp.below_floor_mass:.1f}% of the spectrum below it"],
         ], ["The right panel shows the fraction of eigenvalues per decade of |λ|, so equal areas mean "
-            "equal counts; eigenvalues below the noise floor are rounding noise and are not drawn."]))
+            "equal counts; eigenvalues below the noise floor are not resolved (rounding or quadrature "
+            "resolution) and are not drawn."]))
     if a is not None:
         rows, notes = [], []
         if a.outliers is not None:
@@ -335,8 +344,7 @@ def _tables(report: CurvatureReport) -> list[tuple[str, list[str], list[list[str
     if report.skipped:
         out.append(("Skipped", ["section", "why"], [[k, v] for k, v in report.skipped.items()], []))
     if report.provenance is not None:
-        out.append(("Provenance", ["", ""], [[line.split(": ", 1)[0], line.split(": ", 1)[1]]
-                                             for line in report.provenance.lines()], []))
+        out.append(("Provenance", ["", ""], [list(row) for row in report.provenance.rows()], []))
     return out
 
 
@@ -345,8 +353,9 @@ def _score(sens: Any) -> str:
     return f"{sens.score:.4g} ± {err:.2g}" if err > 0 else f"{sens.score:.4g} (exact)"
 
 
-#: Below this fraction of the typical float32 curvature scale, λ_max says little about a step size.
-FLAT_LAMBDA_MAX = 1e-3
+#: Below this λ_max (2/λ_max above 20) a minimum is nearly flat: the curvature bound on the step
+#: size is far above what gradient noise allows, and the suggested rates get a caveat.
+FLAT_LAMBDA_MAX = 0.1
 
 
 def _learning_rate_caveats(report: CurvatureReport) -> list[str]:
@@ -357,8 +366,8 @@ def _learning_rate_caveats(report: CurvatureReport) -> list[str]:
     if e is not None and not bool(e.top.converged[0]):
         notes.append("Caveat: λ1 did not converge, so the learning rates above rest on an unreliable λ_max.")
     lam_max = 2.0 / h.max_learning_rate if h.max_learning_rate > 0 else math.inf
-    if h.learning_rate > 1 or lam_max < FLAT_LAMBDA_MAX:
-        notes.append(f"Caveat: λ_max ≈ {lam_max:.3g} is small (a flat minimum), so 2/λ_max allows steps of "
+    if lam_max < FLAT_LAMBDA_MAX:
+        notes.append(f"Caveat: λ_max ≈ {lam_max:.3g} is tiny (a nearly flat minimum), so 2/λ_max allows steps of "
                      f"{h.max_learning_rate:.3g}; curvature alone ignores gradient noise and the loss beyond the "
                      "quadratic model, so treat these rates as upper bounds, not as settings to use.")
     return notes

@@ -79,17 +79,19 @@ class Provenance:
         out["settings"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.settings.items()}
         return out
 
-    def lines(self) -> list[str]:
-        """Human-readable lines for the Markdown and HTML reports."""
-        budgets = ", ".join(f"{k}={v}" for k, v in self.settings.items() if k not in ("sections",))
-        seed = "none (OS-seeded; not reproducible)" if self.seed is None else str(self.seed)
+    def rows(self) -> list[tuple[str, str]]:
+        """``(what, value)`` rows for the Markdown and HTML reports."""
+        budgets = ", ".join(f"{k}={v}" for k, v in self.settings.items() if k != "sections")
         return [
-            f"command: {self.command_line or '(library call)'}",
-            f"problem: {self.problem}; seed: {seed}; quick budgets: {'yes' if self.quick else 'no'}",
-            f"budgets: {budgets}",
-            "versions: " + ", ".join(f"{k} {v}" for k, v in self.versions.items()),
-            f"device: {self.device}; date: {self.date}",
-            f"reproducibility: {self.deterministic}",
+            ("command", self.command_line or "(library call)"),
+            ("problem", self.problem),
+            ("seed", "none (OS-seeded; not reproducible)" if self.seed is None else str(self.seed)),
+            ("quick budgets", "yes (same problem and model, fewer products)" if self.quick else "no"),
+            ("budgets", budgets),
+            ("versions", ", ".join(f"{k} {v}" for k, v in self.versions.items())),
+            ("device", self.device),
+            ("date (UTC)", self.date),
+            ("reproducibility", self.deterministic),
         ]
 
 

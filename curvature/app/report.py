@@ -189,11 +189,14 @@ class EigenSection:
 class SpectrumSection:
     """The SLQ eigenvalue density and the spectral sums it gives for free.
 
-    ``noise_floor`` is the smallest ``|λ|`` the products resolve: ``d · ε · |λ|max`` (``ε`` the
-    machine epsilon of the operator's dtype), the size of the rounding error of a ``d``-term dot
-    product relative to the largest eigenvalue. Quadrature nodes below it are rounding noise, not
-    eigenvalues of the Hessian; ``below_floor_mass`` is their share of the spectrum, and the figure
-    does not draw them as signal.
+    ``noise_floor`` is the smallest ``|λ|`` the density resolves, the larger of two limits:
+    ``d · ε · |λ|max`` (``ε`` the machine epsilon of the operator's dtype), the rounding error of
+    a ``d``-term dot product relative to the largest eigenvalue; and the SLQ resolution, the
+    Gaussian kernel width ``σ`` of the density (node spacing of ``num_steps`` Lanczos steps,
+    :meth:`spectra.SpectralDensity.default_sigma`): a large cluster at zero comes out of Lanczos
+    as symmetric ``±`` Ritz values of about that size. Quadrature nodes below the floor are not
+    eigenvalues one can read off; ``below_floor_mass`` is their share of the spectrum, and the
+    figure does not draw them as signal.
     """
 
     density: SpectralDensity
@@ -435,7 +438,7 @@ def _spectrum(H: Hessian, s: ReportSettings, gen: torch.Generator, progress: boo
     scale = abs(float(top.eigenvalues[0])) if top is not None else float(density.nodes.abs().max())
     nodes, weights = density.nodes, density.weights
     negative = float((weights * (nodes < -0.01 * scale)).sum() / weights.sum())
-    floor = noise_floor(scale, H.shape[0], H.dtype)
+    floor = max(noise_floor(scale, H.shape[0], H.dtype), density.default_sigma())
     below = float((weights * (nodes.abs() < floor)).sum() / weights.sum())
     return SpectrumSection(density, density.trace(), negative, floor, below)
 
