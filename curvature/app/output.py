@@ -365,7 +365,7 @@ def _learning_rate_caveats(report: CurvatureReport) -> list[str]:
     e = report.eigenvalues
     if e is not None and not bool(e.top.converged[0]):
         notes.append("Caveat: λ1 did not converge, so the learning rates above rest on an unreliable λ_max.")
-    lam_max = 2.0 / h.max_learning_rate if h.max_learning_rate > 0 else math.inf
+    lam_max = float(h.lambda_max)
     if lam_max < FLAT_LAMBDA_MAX:
         notes.append(f"Caveat: λ_max ≈ {lam_max:.3g} is tiny (a nearly flat minimum), so 2/λ_max allows steps of "
                      f"{h.max_learning_rate:.3g}; curvature alone ignores gradient noise and the loss beyond the "

@@ -123,3 +123,10 @@ def tiny_gpt2(seed: int = 0) -> Problem:
     labels = ids.masked_fill(mask == 0, -100)
     data = [({"input_ids": ids[i:i + 3], "attention_mask": mask[i:i + 3]}, labels[i:i + 3]) for i in (0, 3)]
     return Problem(model, TokenCrossEntropyLoss(shift=True), data, name="tiny GPT-2")
+
+
+def quick_aware(quick: bool = False) -> Problem:
+    """A builder that would change its model under ``--quick``: the command must not pass it."""
+    problem = build_tiny()
+    problem.name = f"quick={quick}"
+    return problem
