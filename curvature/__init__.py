@@ -21,6 +21,7 @@ from .linear_operator import DenseOperator, LinearOperator, as_operator
 from .losses import TokenCrossEntropyLoss
 from .mfac import MFACInverse, collect_gradients
 from .model_operator import ModelOperator
+from .outputs import select_output
 from .precision import in_working_precision, working_dtype
 from .sliding_mfac import SlidingMFACInverse
 
@@ -34,6 +35,7 @@ __all__ = [
     "BatchSource",
     "batch_weight",
     "call_model",
+    "select_output",
     "ModelOperator",
     "group_blocks_by_module",
     "make_blocks",

@@ -19,8 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from curvature import call_model
-from curvature.outputs import select_output
+from curvature import call_model, select_output
 
 __all__ = [
     "BadDataError",
