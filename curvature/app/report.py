@@ -418,7 +418,14 @@ def _eigenvalues(H: Hessian, s: ReportSettings, gen: torch.Generator) -> EigenSe
     d = H.shape[0]
     top = spectra.eigsh(H, k=min(s.top_k, d), which="LA", tol=s.tol, generator=gen)
     bottom = spectra.eigsh(H, k=1, which="SA", tol=s.tol, generator=gen)
-    return EigenSection(top, bottom, _true_residuals(H, top), _true_residuals(H, bottom))
+    section = EigenSection(top, bottom, _true_residuals(H, top), _true_residuals(H, bottom))
+    pairs = (("λ{}", top, section.top_true_residuals), ("λ_min", bottom, section.bottom_true_residuals))
+    for label, result, true in pairs:
+        for i in range(result.k):
+            if not bool(result.converged[i]):
+                logger.warning("%s = %.6g did not converge to tol=%g (true relative residual %.2g)",
+                               label.format(i + 1), float(result.eigenvalues[i]), s.tol, float(true[i]))
+    return section
 
 
 def noise_floor(lambda_max: float, dim: int, dtype: torch.dtype) -> float:

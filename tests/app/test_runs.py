@@ -198,3 +198,22 @@ def test_learning_rate_on_a_flat_minimum_has_a_caveat(tiny_report):
     flat = dataclasses.replace(a.hyperparameters, lambda_max=0.025, learning_rate=79.0, max_learning_rate=80.0)
     report = dataclasses.replace(tiny_report, analyses=dataclasses.replace(a, hyperparameters=flat))
     assert "Caveat: λ_max ≈ 0.025 is tiny" in to_markdown(report)
+
+
+def test_the_non_convergence_warning_names_the_eigenvalue(caplog, monkeypatch):
+    import spectra
+
+    real = spectra.eigsh
+
+    def second_pair_unconverged(*args, **kwargs):
+        result = real(*args, **kwargs)
+        return dataclasses.replace(result, converged=torch.arange(result.k) != 1)
+
+    monkeypatch.setattr(spectra, "eigsh", second_pair_unconverged)
+    settings = ReportSettings.quick(top_k=3, sections=("summary", "eigenvalues"))
+    with caplog.at_level("WARNING", logger="curvature.app.report"):
+        report = curvature_report(build_tiny(), settings=settings, generator=torch.Generator().manual_seed(0))
+    named = [r.getMessage() for r in caplog.records if r.name == "curvature.app.report"]
+    value = float(report.eigenvalues.top.eigenvalues[1])
+    assert len(named) == 1 and named[0].startswith(f"λ2 = {value:.6g} did not converge"), named
+    assert "Not converged to the tolerance: λ2 " in to_markdown(report)
