@@ -14,7 +14,7 @@ from matplotlib.figure import Figure  # noqa: E402
 import quant  # noqa: E402
 from spectra import EigenResult, SpectralDensity  # noqa: E402
 
-from .report import ERROR_BAR_SE, AnalysisSection, QuantSection, SpectrumSection, TraceSection  # noqa: E402
+from .report import ERROR_BAR_SE, AnalysisSection, QuantSection, TraceSection, below_floor_mass, noise_floor  # noqa: E402
 
 __all__ = ["density_per_decade", "plot_analyses", "plot_layers", "plot_pareto", "plot_spectrum"]
 
@@ -65,14 +65,17 @@ def _marks(ax, top: EigenResult | None) -> None:
         ax.axvline(value, color="tab:red", lw=0.9, ls="--", alpha=0.8, label=label)
 
 
-def plot_spectrum(section: SpectrumSection, *, top: EigenResult | None, name: str,
-                  bulk_edge: float | None = None) -> Figure:
+def plot_spectrum(density: SpectralDensity, *, top: EigenResult | None, name: str,
+                  bulk_edge: float | None = None, floor: float | None = None) -> Figure:
     """Two panels: the density over λ (log y) and the fraction of eigenvalues per decade of |λ|.
 
-    The right panel starts at the section's noise floor: the share of the spectrum below it is
-    written on the panel, not drawn as a hump of tiny eigenvalues.
+    The right panel starts at the noise ``floor`` (default :func:`~curvature.app.report.noise_floor`
+    with ``top``'s largest eigenvalue, in float64): the share of the spectrum below it is written on
+    the panel, not drawn as a hump of tiny eigenvalues.
     """
-    density, floor = section.density, section.noise_floor
+    if floor is None:
+        floor = noise_floor(density, lambda_max=float(top.eigenvalues[0]) if top is not None else None)
+    below = below_floor_mass(density, floor)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     density.plot(ax=ax1, title="")
     if ax1.get_legend() is not None:
@@ -92,7 +95,7 @@ def plot_spectrum(section: SpectrumSection, *, top: EigenResult | None, name: st
     if floor > 0:
         ax2.set_xlim(left=floor)
         ax2.text(0.02, 0.97, f"|λ| < noise floor {floor:.2g} (max of d·ε·|λ|max and SLQ σ):\n"
-                 f"{100 * section.below_floor_mass:.1f}% of the spectrum, not resolved: not drawn",
+                 f"{100 * below:.1f}% of the spectrum, not resolved: not drawn",
                  transform=ax2.transAxes, va="top", fontsize=8, color="#555555")
     _marks(ax2, top)
     if bulk_edge is not None and math.isfinite(bulk_edge) and bulk_edge > 0:

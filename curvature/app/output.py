@@ -383,7 +383,8 @@ def _figures(report: CurvatureReport) -> dict[str, Figure]:
         o = report.analyses.outliers if report.analyses else None
         edge = o.bulk_edge if o is not None and o.count > 0 else None
         figs["spectrum"] = plots.plot_spectrum(
-            report.spectrum, top=report.eigenvalues.top if report.eigenvalues else None, name=report.name,
+            report.spectrum.density, floor=report.spectrum.noise_floor,
+            top=report.eigenvalues.top if report.eigenvalues else None, name=report.name,
             bulk_edge=edge)
     if report.traces is not None:
         figs["layers"] = plots.plot_layers(report.traces, name=report.name)

@@ -46,6 +46,7 @@ __all__ = [
     "compute_sections",
     "curvature_report",
     "disagreements",
+    "below_floor_mass",
     "noise_floor",
 ]
 
@@ -428,14 +429,27 @@ def _eigenvalues(H: Hessian, s: ReportSettings, gen: torch.Generator) -> EigenSe
     return section
 
 
-def noise_floor(lambda_max: float, dim: int, dtype: torch.dtype) -> float:
-    """``dim · eps(dtype) · |lambda_max|``: eigenvalues of smaller magnitude are rounding noise.
+def noise_floor(density: SpectralDensity, *, lambda_max: float | None = None,
+                dtype: torch.dtype = torch.float64) -> float:
+    """The smallest ``|λ|`` the density resolves: ``max(d · eps(dtype) · |λmax|, σ)``.
+
+    ``d · eps · |λmax|`` is the rounding error of the products; ``σ``
+    (:meth:`spectra.SpectralDensity.default_sigma`) the quadrature's resolution. ``lambda_max``
+    defaults to the largest ``|node|``.
 
     Example:
-        >>> noise_floor(2.0, 1000, torch.float32) == 1000 * torch.finfo(torch.float32).eps * 2.0
+        >>> dens = SpectralDensity(torch.tensor([[-4e-7, 3e-7, 2.0]]), torch.tensor([[0.5, 0.4, 0.1]]), dim=1000)
+        >>> noise_floor(dens) == max(1000 * torch.finfo(torch.float64).eps * 2.0, dens.default_sigma())
         True
     """
-    return float(dim * torch.finfo(dtype).eps * abs(lambda_max))
+    scale = abs(lambda_max) if lambda_max is not None else float(density.nodes.abs().max())
+    return max(density.dim * torch.finfo(dtype).eps * scale, density.default_sigma())
+
+
+def below_floor_mass(density: SpectralDensity, floor: float) -> float:
+    """Share of the spectral mass at ``|λ| < floor``."""
+    w = density.weights
+    return float((w * (density.nodes.abs() < floor)).sum() / w.sum())
 
 
 def _spectrum(H: Hessian, s: ReportSettings, gen: torch.Generator, progress: bool,
@@ -445,9 +459,8 @@ def _spectrum(H: Hessian, s: ReportSettings, gen: torch.Generator, progress: boo
     scale = abs(float(top.eigenvalues[0])) if top is not None else float(density.nodes.abs().max())
     nodes, weights = density.nodes, density.weights
     negative = float((weights * (nodes < -0.01 * scale)).sum() / weights.sum())
-    floor = max(noise_floor(scale, H.shape[0], H.dtype), density.default_sigma())
-    below = float((weights * (nodes.abs() < floor)).sum() / weights.sum())
-    return SpectrumSection(density, density.trace(), negative, floor, below)
+    floor = noise_floor(density, lambda_max=scale, dtype=H.dtype)
+    return SpectrumSection(density, density.trace(), negative, floor, below_floor_mass(density, floor))
 
 
 def _analyses(problem: Problem, H: Hessian, s: ReportSettings, gen: torch.Generator,

@@ -37,9 +37,10 @@ def test_quick_report_writes_every_artefact(quick_report):
     summary = json.loads((out / "summary.json").read_text())
     assert validate(summary, SUMMARY_SCHEMA) == []
     assert summary["complete"] and summary["command"] == "report"
+    assert summary["provenance"]["quick"] is True  # quick budgets on the same 512 samples as a full run
     assert json.loads(quick_report.proc.stdout)["traces"] == summary["traces"]  # --json prints the summary
     problem = summary["problem"]
-    assert problem["num_params"] == 3658 and problem["num_samples"] == 256 and problem["num_batches"] == 4
+    assert problem["num_params"] == 3658 and problem["num_samples"] == 512 and problem["num_batches"] == 4
     assert problem["metric"]["name"] == "accuracy" and problem["metric"]["value"] > 0.8
     assert problem["info"]["held-out accuracy"] > 0.8
     layers = summary["traces"]["layers"]

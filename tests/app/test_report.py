@@ -94,7 +94,7 @@ def test_disagreement_notes():
 
 def test_figures_have_the_expected_axes(exact_report):
     _, report = exact_report
-    fig = plot_spectrum(report.spectrum, top=report.eigenvalues.top, name="tiny MLP")
+    fig = plot_spectrum(report.spectrum.density, top=report.eigenvalues.top, name="tiny MLP")
     left, right = fig.axes[:2]
     assert right.get_xscale() == "log" and "per decade" in right.get_ylabel()
     assert left.get_yscale() == "log" and "tiny MLP" in fig._suptitle.get_text()

@@ -20,7 +20,6 @@ from curvature.app.builtin import BUILTIN_PROBLEMS  # noqa: E402
 from curvature.app.cli import EXIT_CODES, main  # noqa: E402
 from curvature.app.figures import density_per_decade, plot_spectrum  # noqa: E402
 from curvature.app.output import to_markdown  # noqa: E402
-from curvature.app.report import SpectrumSection  # noqa: E402
 from quant import BitPlan  # noqa: E402
 from spectra import SpectralDensity  # noqa: E402
 
@@ -164,14 +163,13 @@ def test_noise_is_not_drawn_as_signal():
     weights = torch.tensor([[0.55, 0.4, 0.03, 0.015, 0.005]], dtype=torch.float64)
     density = SpectralDensity(nodes, weights, dim=1000)
     floor = 1000 * torch.finfo(torch.float32).eps * 2.0
-    section = SpectrumSection(density, density.trace(), 0.55, floor, 0.95)
     lam, per_decade = density_per_decade(density, "negative", floor=floor)
     assert len(lam) == 0  # the only negative node is noise
     lam, per_decade = density_per_decade(density, "positive", floor=floor)
     assert float(lam.min()) >= floor
     area = float(torch.trapezoid(per_decade, lam.log10()))
     assert area == pytest.approx(0.05, rel=1e-6)  # the share of real positive eigenvalues
-    fig = plot_spectrum(section, top=None, name="flat")
+    fig = plot_spectrum(density, top=None, name="flat", floor=floor)
     right = fig.axes[1]
     assert [line.get_label() for line in right.get_lines()] == ["λ > 0"]
     assert min(line.get_xdata().min() for line in right.get_lines()) >= floor
