@@ -18,8 +18,10 @@ Example:
 """
 
 from .cli import main
-from .output import prepare_output, summary_dict, write_report
-from .problem import Problem, ProblemError, check_problem, load_problem, load_target, problem_from
+from .loader import load_problem
+from .output import StagedOutput, summary_dict, write_report
+from .problem import Problem, ProblemError, check_problem, problem_from
+from .provenance import Provenance
 from .report import CurvatureReport, ReportSettings, compute_sections, curvature_report
 from .schema import SUMMARY_SCHEMA, validate
 
@@ -27,15 +29,15 @@ __all__ = [
     "CurvatureReport",
     "Problem",
     "ProblemError",
+    "Provenance",
     "ReportSettings",
     "SUMMARY_SCHEMA",
+    "StagedOutput",
     "check_problem",
     "compute_sections",
     "curvature_report",
     "load_problem",
-    "load_target",
     "main",
-    "prepare_output",
     "problem_from",
     "summary_dict",
     "validate",

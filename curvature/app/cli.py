@@ -7,11 +7,12 @@ Usage::
     curvature report --problem path/to/file.py:build --out reports/run1 --device cuda
     curvature spectrum | trace | eigs | quantize  [same options]
 
-Errors are one line on stderr with an exit code per kind (``--debug`` shows the traceback):
-2 usage, 3 problem not found, 4 builder returned no problem, 5 unusable ``--out``, 6 device
-unavailable, 7 non-finite loss or product, 8 model in train mode, 9 empty data, 10 frozen
-parameters, 11 data of the wrong form, 12 model or loss fails on the data, 13 part not available,
-130 interrupted (finished parts are kept), 1 anything else.
+Options are checked before any work. The results are written to a fresh folder beside ``--out``
+and moved into place only when the run finishes, so ``--out`` never mixes two runs; an ``--out``
+that holds another run's files is refused unless ``--force``.
+
+Errors are one line on stderr with an exit code per kind (``--debug`` shows the traceback): see
+:data:`EXIT_CODES`. Subcommands are the entries of :data:`SUBCOMMANDS`; add one there.
 """
 
 from __future__ import annotations
@@ -23,16 +24,20 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 import curvature
 
-from .output import prepare_output, summary_dict, to_markdown, write_report
-from .problem import ProblemError, load_problem, load_target
+from .loader import load_problem
+from .output import StagedOutput, summary_dict, to_markdown, write_report
+from .problem import ProblemError
+from .provenance import Provenance, command_line
 from .report import CurvatureReport, ReportSettings, compute_sections
 
-__all__ = ["EXIT_CODES", "DeviceError", "UnavailableError", "load_target", "main"]
+__all__ = ["EXIT_CODES", "SUBCOMMANDS", "DeviceError", "Subcommand", "UnavailableError", "main"]
 
 #: Exit code of each kind of failure.
 EXIT_CODES = {
@@ -54,38 +59,98 @@ class UnavailableError(RuntimeError):
     exit_code = 13
 
 
-#: Sections each subcommand computes.
-SUBCOMMANDS = {
-    "report": ("summary", "traces", "eigenvalues", "spectrum", "analyses", "quantization"),
-    "spectrum": ("summary", "eigenvalues", "spectrum"),
-    "trace": ("summary", "traces"),
-    "eigs": ("summary", "eigenvalues"),
-    "quantize": ("summary", "quantization"),
-}
+@dataclass(frozen=True)
+class Subcommand:
+    """One subcommand of ``curvature``.
 
-_HELP = {
-    "report": "the full report: spectrum, eigenvalues, traces, per-layer traces, analyses and a bit plan",
-    "spectrum": "the eigenvalue density (SLQ) with the top eigenvalues marked",
-    "trace": "traces of the Hessian and the GGN, and per-layer Hessian traces, with error bars",
-    "eigs": "top-k and smallest Hessian eigenvalues with true residuals",
-    "quantize": "a HAWQ-V2 mixed-precision bit plan (bitplan.json) and its Pareto figure",
+    Attributes:
+        help: one line for ``curvature --help``.
+        sections: the report sections it computes (for report-style subcommands).
+        required_section: a section whose absence makes the subcommand fail (exit code 13).
+        add_arguments: adds the subcommand's own options to its parser (after the common ones).
+        run: ``run(args) -> exit code`` for a subcommand that is not a report (then ``sections``
+            is unused); it may raise any of the errors that carry an ``exit_code``.
+    """
+
+    help: str
+    sections: tuple[str, ...] = ()
+    required_section: str | None = None
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    run: Callable[[argparse.Namespace], int] | None = None
+
+
+#: The subcommands, in ``--help`` order. To add one: ``SUBCOMMANDS["name"] = Subcommand(...)``.
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "report": Subcommand("the full report: spectrum, eigenvalues, traces, per-layer traces, analyses and a bit plan",
+                         ("summary", "traces", "eigenvalues", "spectrum", "analyses", "quantization")),
+    "spectrum": Subcommand("the eigenvalue density (SLQ) with the top eigenvalues marked",
+                           ("summary", "eigenvalues", "spectrum")),
+    "trace": Subcommand("traces of the Hessian and the GGN, and per-layer Hessian traces, with error bars",
+                        ("summary", "traces")),
+    "eigs": Subcommand("top-k and smallest Hessian eigenvalues with true residuals", ("summary", "eigenvalues")),
+    "quantize": Subcommand("a HAWQ-V2 mixed-precision bit plan (bitplan.json) and its Pareto figure",
+                           ("summary", "quantization"), required_section="quantization"),
 }
 
 _PROBLEM_HELP = """\
 --problem names a builder: MODULE:FUNCTION (imported from the current folder), FILE.py:FUNCTION
 (its folder is importable, so it may import its neighbours), or a built-in: digits (default; a
 small CNN trained on scikit-learn's digits) or synthetic. The builder may take seed=, device= and
-quick= and returns
+progress= and returns
 
     curvature.app.Problem(model, loss_fn, data, name="...", metric="accuracy", num_classes=10)
 
-(or the older (model, loss_fn, data) tuple or {"model", "loss_fn", "data"} dict), with data one
-(inputs, targets) batch or a list/DataLoader of batches and the model in eval mode.
+with data one (inputs, targets) batch or a list/DataLoader of batches and the model in eval mode.
+--quick keeps the problem (the same trained model) and uses smaller budgets.
 
-Exit codes: 2 usage, 3 problem not found, 4 builder returned no problem, 5 unusable --out,
-6 device unavailable, 7 non-finite loss, 8 train mode, 9 empty data, 10 frozen parameters,
-11 data of the wrong form, 12 model/loss fails on the data, 13 part unavailable, 130 interrupted.
+Exit codes: 2 usage, 3 problem not found or fails to import, 4 builder returned no Problem,
+5 unusable --out, 6 device unavailable, 7 non-finite loss, 8 train mode, 9 empty data,
+10 frozen parameters, 11 data of the wrong form, 12 model/loss fails on the data,
+13 part unavailable, 130 interrupted, 1 anything else (a bug: please report it).
 """
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def _add_common_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--problem", default="digits",
+                   help="MODULE:FUNCTION, FILE.py:FUNCTION or a built-in name (default: %(default)s)")
+    p.add_argument("--out", default="curvature-report", help="output folder (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace the results of an earlier run in --out")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: where the model is)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the built-in training and all probes")
+    p.add_argument("--budget-mb", type=_positive_float, default=1024.0,
+                   help="memory for cached autodiff graphs across batches (default: %(default)g MB)")
+    p.add_argument("--quick", action="store_true",
+                   help="smaller budgets (fewer probes and Lanczos steps) on the same problem: a rough look")
+    p.add_argument("--json", action="store_true", help="print summary.json on stdout instead of the Markdown")
+    p.add_argument("--probes", type=_positive_int, default=None, help="products per trace estimate")
+    p.add_argument("--top-k", type=_positive_int, default=None, help="number of top eigenvalues")
+    p.add_argument("--slq-probes", type=_positive_int, default=None, help="SLQ probes of the density")
+    p.add_argument("--slq-steps", type=_positive_int, default=None, help="Lanczos steps per SLQ probe")
+    p.add_argument("--allow-train-mode", action="store_true",
+                   help="analyse a model left in train mode (Dropout/BatchNorm make it random)")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -93,27 +158,12 @@ def _parser() -> argparse.ArgumentParser:
                                      epilog=_PROBLEM_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {curvature.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
-    for name in SUBCOMMANDS:
-        p = sub.add_parser(name, help=_HELP[name], description=f"curvature {name}: {_HELP[name]}.",
+    for name, spec in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=spec.help, description=f"curvature {name}: {spec.help}.",
                            epilog=_PROBLEM_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--problem", "--model", dest="problem", default="digits",
-                       help="MODULE:FUNCTION, FILE.py:FUNCTION or a built-in name (default: %(default)s)")
-        p.add_argument("--out", default="curvature-report", help="output folder (default: %(default)s)")
-        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: where the model is)")
-        p.add_argument("--seed", type=int, default=0, help="seed of the built-in training and all probes")
-        p.add_argument("--budget-mb", type=float, default=1024.0,
-                       help="memory for cached autodiff graphs across batches (default: %(default)g MB)")
-        p.add_argument("--quick", action="store_true", help="small budgets: a rough look in seconds")
-        p.add_argument("--json", action="store_true", help="print summary.json on stdout instead of the Markdown")
-        p.add_argument("--probes", type=int, default=None, help="products per trace estimate (num_matvecs)")
-        p.add_argument("--top-k", type=int, default=None, help="number of top eigenvalues")
-        p.add_argument("--slq-probes", type=int, default=None, help="SLQ probes of the density")
-        p.add_argument("--slq-steps", type=int, default=None, help="Lanczos steps per SLQ probe")
-        p.add_argument("--allow-train-mode", action="store_true",
-                       help="analyse a model left in train mode (Dropout/BatchNorm make it random)")
-        p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
-        p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-        p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+        _add_common_arguments(p)
+        if spec.add_arguments is not None:
+            spec.add_arguments(p)
     return parser
 
 
@@ -134,11 +184,12 @@ def _check_device(name: str | None) -> torch.device | None:
     return device
 
 
-def _settings(args: argparse.Namespace) -> ReportSettings:
+def settings_from(args: argparse.Namespace) -> ReportSettings:
+    """The budgets the options ask for (``--quick``: :meth:`ReportSettings.quick`)."""
     changes = {k: v for k, v in (("num_matvecs", args.probes), ("top_k", args.top_k), ("slq_probes", args.slq_probes),
                                  ("slq_steps", args.slq_steps)) if v is not None}
     changes["graph_cache_bytes"] = int(args.budget_mb * 2**20)
-    changes["sections"] = SUBCOMMANDS[args.command]
+    changes["sections"] = SUBCOMMANDS[args.command].sections
     return ReportSettings.quick(**changes) if args.quick else ReportSettings(**changes)
 
 
@@ -158,50 +209,55 @@ def _classify(exc: BaseException) -> tuple[int, str]:
     return EXIT_CODES["internal"], f"{type(exc).__name__}: {text}"
 
 
-def _run(args: argparse.Namespace) -> int:
+def _say(progress: bool, text: str) -> None:
+    if progress:
+        print(f"[curvature] {text}", file=sys.stderr, flush=True)
+
+
+def _run_report(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    spec = SUBCOMMANDS[args.command]
+    settings = settings_from(args)  # before any work: budgets are checked here
     device = _check_device(args.device)
-    out = prepare_output(args.out)
     progress = not args.no_progress
-    settings = _settings(args)
-    options = {"seed": args.seed, "quick": args.quick, "progress": progress}
-    if device is not None:
-        options["device"] = device
-    if progress:
-        print(f"[curvature] building the problem {args.problem!r}...", file=sys.stderr, flush=True)
-    problem = load_problem(args.problem, **options)
-    if device is not None:
-        problem.model.to(device)
-    param_device = next(problem.model.parameters()).device
-    report = CurvatureReport(problem.name, settings)
-    generator = torch.Generator(device=param_device).manual_seed(args.seed)
-    if progress:
-        print(f"[curvature] analysing {problem.name} on {param_device}; writing to {out}/", file=sys.stderr, flush=True)
-    try:
-        for _name, _seconds in compute_sections(problem, settings=settings, generator=generator, progress=progress,
-                                                allow_train_mode=args.allow_train_mode, report=report):
-            write_report(report, out, command=args.command, figures=False)
-    except KeyboardInterrupt:
-        paths = write_report(report, out, command=args.command)
-        print(f"curvature: interrupted; the finished sections ({', '.join(report.finished) or 'none'}) are in "
-              f"{out}/ ({os.path.basename(paths['summary'])}, {os.path.basename(paths['html'])})", file=sys.stderr)
-        return EXIT_CODES["interrupted"]
-    main_section = {"quantize": "quantization"}.get(args.command)
-    if main_section in report.skipped:
-        write_report(report, out, command=args.command)
-        raise UnavailableError(f"the {main_section} cannot run for this problem: {report.skipped[main_section]}")
-    if report.summary is not None and report.summary.ggn_unavailable and args.command == "trace":
-        print(f"curvature: note: the GGN trace was skipped: {report.summary.ggn_unavailable}", file=sys.stderr)
-    if progress:
-        print("[curvature] drawing the figures and writing report.html...", file=sys.stderr, flush=True)
-    paths = write_report(report, out, command=args.command)
+    with StagedOutput(args.out, force=args.force) as staged:
+        options = {"seed": args.seed, "progress": progress}
+        if device is not None:
+            options["device"] = device
+        _say(progress, f"building the problem {args.problem!r}...")
+        problem = load_problem(args.problem, **options)
+        if device is not None:
+            problem.model.to(device)
+        param_device = next(problem.model.parameters()).device
+        provenance = Provenance.create(command_line=command_line(argv), problem=args.problem, seed=args.seed,
+                                       quick=args.quick, settings=settings.budgets(), device=str(param_device))
+        report = CurvatureReport(problem.name, settings, provenance=provenance)
+        generator = torch.Generator(device=param_device).manual_seed(args.seed)
+        _say(progress, f"analysing {problem.name} on {param_device}; writing to {args.out}/")
+        try:
+            for _name, _seconds in compute_sections(problem, settings=settings, generator=generator,
+                                                    progress=progress, allow_train_mode=args.allow_train_mode,
+                                                    report=report):
+                write_report(report, staged.path, command=args.command, figures=False)
+        except KeyboardInterrupt:
+            write_report(report, staged.path, command=args.command)
+            where = staged.keep_partial()
+            print(f"curvature: interrupted; the finished sections ({', '.join(report.finished) or 'none'}) are in "
+                  f"{where}/ (summary.json, report.html; marked incomplete)", file=sys.stderr)
+            return EXIT_CODES["interrupted"]
+        if spec.required_section in report.skipped:
+            raise UnavailableError(f"the {spec.required_section} cannot run for this problem: "
+                                   f"{report.skipped[spec.required_section]}")
+        if report.summary is not None and report.summary.ggn_unavailable and args.command == "trace":
+            print(f"curvature: note: the GGN trace was skipped: {report.summary.ggn_unavailable}", file=sys.stderr)
+        _say(progress, "drawing the figures and writing report.html...")
+        paths = write_report(report, staged.path, command=args.command)
+        staged.commit()
     if args.json:
         files = {k: os.path.basename(v) for k, v in paths.items()}
         print(json.dumps(summary_dict(report, command=args.command, files=files), indent=2))
     else:
         print(to_markdown(report))
-    if progress:
-        print(f"[curvature] wrote {out}/: {', '.join(sorted(os.path.basename(p) for p in paths.values()))}",
-              file=sys.stderr)
+    _say(progress, f"wrote {args.out}/: {', '.join(sorted(os.path.basename(p) for p in paths.values()))}")
     return 0
 
 
@@ -209,8 +265,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``curvature`` console script; returns the exit code."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    spec = SUBCOMMANDS[args.command]
     try:
-        return _run(args)
+        return spec.run(args) if spec.run is not None else _run_report(args, argv)
     except KeyboardInterrupt:
         print("curvature: interrupted before any section finished", file=sys.stderr)
         return EXIT_CODES["interrupted"]

@@ -14,28 +14,47 @@ from matplotlib.figure import Figure  # noqa: E402
 import quant  # noqa: E402
 from spectra import EigenResult, SpectralDensity  # noqa: E402
 
-from .report import ERROR_BAR_SE, AnalysisSection, QuantSection, TraceSection  # noqa: E402
+from .report import ERROR_BAR_SE, AnalysisSection, QuantSection, TraceSection, below_floor_mass, noise_floor  # noqa: E402
 
 __all__ = ["density_per_decade", "plot_analyses", "plot_layers", "plot_pareto", "plot_spectrum"]
 
 LN10 = math.log(10.0)
 
 
-def density_per_decade(density: SpectralDensity, part: str = "positive") -> tuple[torch.Tensor, torch.Tensor]:
-    """``(|λ|, fraction of eigenvalues per decade of |λ|)`` for the positive or negative eigenvalues.
+def density_per_decade(density: SpectralDensity, part: str = "positive", *,
+                       floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(|λ|, fraction of all eigenvalues per decade of |λ|)`` for one sign, above ``floor``.
 
     ``evaluate_log`` gives a density per unit ``|λ|``; multiplying by ``|λ| ln 10`` turns it into a
     density in ``log10 |λ|``, so equal areas on a log axis mean equal numbers of eigenvalues and
-    the many tiny eigenvalues near zero no longer dominate the picture.
+    the many tiny eigenvalues near zero no longer dominate the picture. Quadrature nodes with
+    ``|θ| < floor`` (rounding noise) are left out and the grid starts at ``floor``, so the curve's
+    area is the share of eigenvalues of that sign that the products resolve.
 
     Example:
         >>> dens = SpectralDensity(torch.tensor([[1e-2, 1.0, 1e2]]), torch.tensor([[0.2, 0.3, 0.5]]), dim=3)
         >>> lam, per_decade = density_per_decade(dens)
         >>> round(float(torch.trapezoid(per_decade, lam.log10())), 3)
         1.0
+        >>> lam, per_decade = density_per_decade(dens, floor=0.1)
+        >>> round(float(torch.trapezoid(per_decade, lam.log10())), 2), float(lam[0]) >= 0.1
+        (0.8, True)
     """
-    lam, p = density.evaluate_log(part=part)
-    return lam, p * lam * LN10
+    kept = density.nodes.abs() >= floor
+    sign = density.nodes > 0 if part == "positive" else density.nodes < 0
+    mass = float((density.weights * kept * sign).sum() / density.weights.sum())
+    if floor <= 0 and mass > 0:
+        lam, p = density.evaluate_log(part=part)
+        return lam, p * lam * LN10
+    if mass == 0:
+        return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+    trimmed = SpectralDensity(density.nodes, density.weights * kept, dim=density.dim)
+    top = float(density.nodes.abs().max())
+    grid = torch.logspace(math.log10(floor), math.log10(top) + 0.2, 1024, dtype=torch.float64)
+    lam, p = trimmed.evaluate_log(grid, part=part, epsilon=floor / 10, normalize=False)
+    per_decade = p * lam * LN10
+    area = float(torch.trapezoid(per_decade, lam.log10()))
+    return lam, per_decade * (mass / area if area > 0 else 0.0)
 
 
 def _marks(ax, top: EigenResult | None) -> None:
@@ -47,8 +66,16 @@ def _marks(ax, top: EigenResult | None) -> None:
 
 
 def plot_spectrum(density: SpectralDensity, *, top: EigenResult | None, name: str,
-                  bulk_edge: float | None = None) -> Figure:
-    """Two panels: the density over λ (log y) and the fraction of eigenvalues per decade of |λ|."""
+                  bulk_edge: float | None = None, floor: float | None = None) -> Figure:
+    """Two panels: the density over λ (log y) and the fraction of eigenvalues per decade of |λ|.
+
+    The right panel starts at the noise ``floor`` (default :func:`~curvature.app.report.noise_floor`
+    with ``top``'s largest eigenvalue, in float64): the share of the spectrum below it is written on
+    the panel, not drawn as a hump of tiny eigenvalues.
+    """
+    if floor is None:
+        floor = noise_floor(density, lambda_max=float(top.eigenvalues[0]) if top is not None else None)
+    below = below_floor_mass(density, floor)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     density.plot(ax=ax1, title="")
     if ax1.get_legend() is not None:
@@ -58,17 +85,22 @@ def plot_spectrum(density: SpectralDensity, *, top: EigenResult | None, name: st
     ax1.set_xlabel("eigenvalue λ")
     ax1.set_ylabel("density (log scale)")
     for part, color in (("positive", "tab:blue"), ("negative", "tab:orange")):
-        if part == "negative" and not bool((density.nodes < 0).any()):
+        lam, per_decade = density_per_decade(density, part, floor=floor)
+        if len(lam) == 0:
             continue
-        lam, per_decade = density_per_decade(density, part)
         label = "λ > 0" if part == "positive" else "λ < 0 (as |λ|)"
         ax2.plot(lam.numpy(), per_decade.numpy(), color=color, label=label)
     ax2.set_xscale("log")
     ax2.set_ylim(bottom=0)
+    if floor > 0:
+        ax2.set_xlim(left=floor)
+        ax2.text(0.02, 0.97, f"|λ| < noise floor {floor:.2g} (max of d·ε·|λ|max and SLQ σ):\n"
+                 f"{100 * below:.1f}% of the spectrum, not resolved: not drawn",
+                 transform=ax2.transAxes, va="top", fontsize=8, color="#555555")
     _marks(ax2, top)
     if bulk_edge is not None and math.isfinite(bulk_edge) and bulk_edge > 0:
         ax2.axvline(bulk_edge, color="tab:green", lw=1.2, ls=":", label="bulk edge (outlier analysis)")
-    ax2.set_title("Eigenvalues per decade of |λ|")
+    ax2.set_title("Eigenvalues per decade of |λ| (above the noise floor)")
     ax2.set_xlabel("|λ| (log scale)")
     ax2.set_ylabel("fraction of eigenvalues per decade")
     for ax in (ax1, ax2):
@@ -83,7 +115,10 @@ def plot_spectrum(density: SpectralDensity, *, top: EigenResult | None, name: st
 
 
 def plot_layers(traces: TraceSection, *, name: str) -> Figure:
-    """Per-layer Hessian trace per parameter (HAWQ-V2's sensitivity) with ± 2 s.e. bars."""
+    """Per-layer Hessian trace per parameter (all of the module's parameters) with ± 2 s.e. bars.
+
+    Not HAWQ-V2's sensitivity, which counts the weights only (the bit-plan table shows it).
+    """
     layers = traces.layers
     fig, ax = plt.subplots(figsize=(7.5, 0.5 * len(layers) + 1.8))
     values = [layer.trace.value / layer.numel for layer in layers]
@@ -93,7 +128,7 @@ def plot_layers(traces: TraceSection, *, name: str) -> Figure:
     ax.invert_yaxis()
     ax.axvline(0, color="black", lw=0.8)
     kind = "exact" if traces.hessian.method == "exact" else f"± {ERROR_BAR_SE:g} s.e."
-    ax.set_xlabel(f"Hessian trace per parameter ({kind})")
+    ax.set_xlabel(f"Hessian trace / parameter, weights and biases ({kind})")
     ax.set_title(f"Per-layer curvature: {name}")
     ax.grid(axis="x", alpha=0.3)
     for side in ("top", "right"):

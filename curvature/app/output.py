@@ -1,7 +1,8 @@
 """Writing a report: ``summary.json``, ``report.md``, a self-contained ``report.html`` and the figures.
 
-:func:`prepare_output` checks the output folder before any work; :func:`write_report` (re)writes
-everything for the sections finished so far, so it can run after each section.
+:class:`StagedOutput` checks the output folder before any work and moves a finished run into
+place; :func:`write_report` (re)writes everything for the sections finished so far, so it can run
+after each section.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import html
 import json
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +28,7 @@ from . import figures as plots
 from .report import ERROR_BAR_SE, CurvatureReport
 from .schema import SCHEMA_VERSION
 
-__all__ = ["OutputError", "prepare_output", "summary_dict", "to_markdown", "write_report"]
+__all__ = ["ARTEFACTS", "OutputError", "StagedOutput", "summary_dict", "to_markdown", "write_report"]
 
 
 class OutputError(ValueError):
@@ -34,29 +37,116 @@ class OutputError(ValueError):
     exit_code = 5
 
 
-def prepare_output(path: str | os.PathLike) -> str:
-    """Create ``path`` (a folder) and check it is writable, before any computation.
+#: The files a run may write into its folder (a folder holding only these, plus any file its
+#: ``summary.json`` lists, is an earlier run's output, which ``force=True`` may replace).
+ARTEFACTS = ("summary.json", "report.md", "report.html", "spectrum.png", "layers.png", "analyses.png",
+             "pareto.png", "density.npz", "bitplan.json")
+
+
+def _listed_files(path: str) -> set[str]:
+    try:
+        with open(os.path.join(path, "summary.json")) as f:
+            files = json.load(f).get("files", {})
+        return {os.path.basename(str(v)) for v in files.values()} if isinstance(files, dict) else set()
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class StagedOutput:
+    """An output folder filled in a fresh staging folder beside it and moved into place at the end.
+
+    Entering checks ``path`` before any work: it must be a folder that is absent or empty, or,
+    with ``force=True``, one that holds only an earlier run's artefacts. Files go to
+    :attr:`path` (the staging folder); :meth:`commit` replaces the target with it in two renames,
+    so the target never holds a mix of two runs. Leaving without :meth:`commit` (an error) removes
+    the staging folder and leaves the target as it was; :meth:`keep_partial` (an interrupt) moves
+    the partial results into the target if it was empty, else keeps them beside it.
 
     Raises:
-        OutputError: ``path`` is an existing file, or cannot be created or written.
+        OutputError: ``path`` is a file, cannot be written, holds other files, or holds an earlier
+            run's results and ``force`` is false.
 
     Example:
         >>> import tempfile
-        >>> prepare_output(os.path.join(tempfile.mkdtemp(), "rep")).endswith("rep")
-        True
+        >>> target = os.path.join(tempfile.mkdtemp(), "rep")
+        >>> with StagedOutput(target) as staged:
+        ...     _ = open(os.path.join(staged.path, "summary.json"), "w").write("{}")
+        ...     staged.commit()
+        >>> os.listdir(target)
+        ['summary.json']
+        >>> StagedOutput(target).__enter__()
+        Traceback (most recent call last):
+        ...
+        curvature.app.output.OutputError: --out ...: holds the results of an earlier run (summary.json); ...
     """
-    path = os.fspath(path)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise OutputError(f"--out {path}: exists and is not a folder; choose a folder name")
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".curvature-write-test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as exc:
-        raise OutputError(f"--out {path}: cannot write there ({exc.strerror or exc})") from exc
-    return path
+
+    def __init__(self, target: str | os.PathLike, *, force: bool = False) -> None:
+        self.target = os.path.abspath(os.fspath(target))
+        self.shown = os.fspath(target)
+        self.force = force
+        self.path = ""
+        self._done = False
+
+    def _check_target(self) -> bool:
+        """Whether the target exists (and may be replaced)."""
+        if not os.path.lexists(self.target):
+            return False
+        if not os.path.isdir(self.target):
+            raise OutputError(f"--out {self.shown}: exists and is not a folder; choose a folder name")
+        entries = sorted(os.listdir(self.target))
+        if not entries:
+            return True
+        ours = set(ARTEFACTS) | _listed_files(self.target)
+        foreign = [e for e in entries if e not in ours]
+        if foreign:
+            raise OutputError(f"--out {self.shown}: holds files the command did not write ({', '.join(foreign[:3])}"
+                              f"{', ...' if len(foreign) > 3 else ''}); choose an empty or new folder")
+        if not self.force:
+            raise OutputError(f"--out {self.shown}: holds the results of an earlier run ({', '.join(entries[:3])}"
+                              f"{', ...' if len(entries) > 3 else ''}); pass --force to replace them or choose "
+                              "another --out")
+        return True
+
+    def __enter__(self) -> StagedOutput:
+        self._check_target()
+        parent = os.path.dirname(self.target)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            self.path = tempfile.mkdtemp(prefix=f".{os.path.basename(self.target)}.partial-", dir=parent)
+            os.chmod(self.path, 0o777 & ~_umask())  # mkdtemp's 0o700 would become the folder's mode
+        except OSError as exc:
+            raise OutputError(f"--out {self.shown}: cannot write there ({exc.strerror or exc})") from exc
+        return self
+
+    def commit(self) -> None:
+        """Move the staging folder into place (replacing an earlier run's folder)."""
+        exists = self._check_target()
+        old = None
+        if exists:
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(self.target)}.old-", dir=os.path.dirname(self.target))
+            os.rename(self.target, os.path.join(old, "previous"))
+        os.rename(self.path, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        self.path, self._done = self.target, True
+
+    def keep_partial(self) -> str:
+        """After an interrupt: the partial results go to the target if it was empty, else stay beside it."""
+        if not os.path.lexists(self.target) or not os.listdir(self.target):
+            self.commit()
+            return self.shown
+        self._done = True
+        return self.path
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self._done and self.path:
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def _clean(x: Any) -> Any:
@@ -88,7 +178,11 @@ def _to_dict(obj: Any) -> dict[str, Any] | None:
 
 
 def summary_dict(report: CurvatureReport, *, command: str = "report", files: dict[str, str] | None = None) -> dict:
-    """The ``summary.json`` document (schema: :data:`curvature.app.schema.SUMMARY_SCHEMA`)."""
+    """The ``summary.json`` document (schema: :data:`curvature.app.schema.SUMMARY_SCHEMA`).
+
+    Everything that differs between two runs with one seed (date, timings) is in ``"provenance"``;
+    the rest is the same bytes.
+    """
     s, t, e, sp, a, q = (report.summary, report.traces, report.eigenvalues, report.spectrum, report.analyses,
                          report.quantization)
     problem = None if s is None else _clean({
@@ -113,7 +207,8 @@ def summary_dict(report: CurvatureReport, *, command: str = "report", files: dic
                                     "smallest": pairs(e.bottom, e.bottom_true_residuals)[0]}
     spectrum = None if sp is None else _clean({
         "num_probes": sp.density.num_probes, "num_steps": sp.density.num_steps, "support": list(sp.density.support()),
-        "trace": _est(sp.trace), "negative_mass": sp.negative_mass,
+        "trace": _est(sp.trace), "negative_mass": sp.negative_mass, "noise_floor": sp.noise_floor,
+        "below_noise_floor_mass": sp.below_floor_mass,
     })
     analyses = None if a is None else {
         "outliers": _to_dict(a.outliers), "decomposition": _to_dict(a.decomposition),
@@ -122,14 +217,21 @@ def summary_dict(report: CurvatureReport, *, command: str = "report", files: dic
     quantization = None if q is None else _clean({
         "plan": q.plan.to_dict(), "budget_bytes": q.budget_bytes,
         "uniform": {str(b): {"size_bytes": p.size_bytes, "omega": p.omega} for b, p in q.uniform.items()},
-        "layers": [v.to_dict() for v in q.sensitivities.values()],
+        "layers": [{**v.to_dict(), "score_stderr": v.score_stderr} for v in q.sensitivities.values()],
     })
     return {
         "schema_version": SCHEMA_VERSION, "command": command, "complete": report.complete, "sections": report.finished,
         "problem": problem, "traces": traces, "eigenvalues": eigen, "spectrum": spectrum, "analyses": analyses,
-        "quantization": quantization, "skipped": dict(report.skipped), "timings_s": _clean(report.timings),
-        "files": dict(files or {}),
+        "quantization": quantization, "skipped": dict(report.skipped), "files": dict(files or {}),
+        "provenance": provenance_dict(report),
     }
+
+
+def provenance_dict(report: CurvatureReport) -> dict[str, Any] | None:
+    """The run's :class:`~curvature.app.provenance.Provenance` with the sections' timings (``None`` if unknown)."""
+    if report.provenance is None:
+        return None
+    return _clean(report.provenance.with_timings(report.timings).to_dict())
 
 
 def _pm(e: Estimate) -> str:
@@ -176,7 +278,8 @@ def _tables(report: CurvatureReport) -> list[tuple[str, list[str], list[list[str
         rows = [[layer.label, f"{layer.numel:,}", _pm(layer.trace), f"{layer.trace.value / layer.numel:.4g}"]
                 for layer in t.layers]
         out.append(("Per-layer Hessian traces", ["layer", "parameters", "trace", "trace / parameter"], rows,
-                    ["One shared set of probes for all layers; trace / parameter is HAWQ-V2's sensitivity."]))
+                    ["One shared set of probes for all layers; every parameter of a module (weights and biases) "
+                     "counts. HAWQ-V2's sensitivity (weights only) is in the bit-plan table."]))
     if e is not None:
         rows = [[f"λ{i + 1}", f"{float(v):.6g}", f"{float(r):.2g}", f"{float(tr):.2g}", "yes" if bool(c) else "no"]
                 for i, (v, r, tr, c) in enumerate(zip(e.top.eigenvalues, e.top.residuals, e.top_true_residuals,
@@ -185,6 +288,12 @@ def _tables(report: CurvatureReport) -> list[tuple[str, list[str], list[list[str
                      f"{float(e.bottom_true_residuals[0]):.2g}", "yes" if bool(e.bottom.converged[0]) else "no"])
         notes = ["True residual: ‖Hv − λv‖/|λ| from one extra product with the returned vectors (the solver's "
                  "own estimate can be far smaller than what float32 products reach)."]
+        unconverged = [f"λ{i + 1}" for i, c in enumerate(e.top.converged) if not bool(c)]
+        if not bool(e.bottom.converged[0]):
+            unconverged.append("λ_min")
+        if unconverged:
+            notes.append(f"Not converged to the tolerance: {', '.join(unconverged)} (see the true residual; use a "
+                         "larger budget without --quick to trust them).")
         out.append(("Extreme eigenvalues", ["", "eigenvalue", "solver residual", "true relative residual",
                                             "converged"], rows, notes))
     if sp is not None:
@@ -193,8 +302,11 @@ def _tables(report: CurvatureReport) -> list[tuple[str, list[str], list[list[str
             ["probes × Lanczos steps", f"{sp.density.num_probes} × {sp.density.num_steps}"],
             ["support", f"[{lo:.4g}, {hi:.4g}]"],
             ["spectral mass below −1% of λ1", f"{100 * sp.negative_mass:.2f}%"],
+            ["noise floor (the larger of d·ε·λmax and the SLQ kernel width)",
+             f"{sp.noise_floor:.3g}, with {100 * sp.below_floor_mass:.1f}% of the spectrum below it"],
         ], ["The right panel shows the fraction of eigenvalues per decade of |λ|, so equal areas mean "
-            "equal counts."]))
+            "equal counts; eigenvalues below the noise floor are not resolved (rounding or quadrature "
+            "resolution) and are not drawn."]))
     if a is not None:
         rows, notes = [], []
         if a.outliers is not None:
@@ -216,18 +328,49 @@ def _tables(report: CurvatureReport) -> list[tuple[str, list[str], list[list[str
             rows.append(["suggested SGD learning rate / momentum", f"{h.learning_rate:.3g} / {h.momentum:.3g}"])
             rows.append(["largest stable learning rate: plain SGD (2/λ_max) / with that momentum",
                          f"{h.max_learning_rate:.3g} / {h.max_learning_rate_momentum:.3g}"])
+            notes += _learning_rate_caveats(report)
         notes += [f"{k} skipped: {v}" for k, v in a.skipped.items()]
         out.append(("Spectral analyses", ["quantity", "value"], rows, notes))
     if q is not None:
-        rows = [[name, f"{bits}", f"{q.sensitivities[name].score:.4g}" if name in q.sensitivities else ""]
+        rows = [[name, f"{bits}", _score(q.sensitivities[name]) if name in q.sensitivities else ""]
                 for name, bits in q.plan.bits.items()]
         notes = [f"Budget: the size of uniform 4-bit weights, {q.budget_bytes:,.0f} B. Chosen plan: "
                  f"{q.plan.size_bytes:,.0f} B, Ω = {q.plan.omega:.4g} (uniform 4-bit: Ω = {q.uniform[4].omega:.4g})."
                  if 4 in q.uniform else f"Chosen plan: {q.plan.size_bytes:,.0f} B, Ω = {q.plan.omega:.4g}."]
-        out.append(("HAWQ-V2 bit plan", ["layer", "bits", "sensitivity Tr(H)/n"], rows, notes))
+        notes.append("Sensitivity: HAWQ-V2's Tr(H_ww)/n of each layer's weight (biases excluded), from "
+                     "quant.sensitivity with shared Rademacher probes; the one estimate every table and bitplan.json "
+                     f"use, ± {ERROR_BAR_SE:g} s.e.")
+        out.append(("HAWQ-V2 bit plan", ["layer", "bits", "sensitivity Tr(H_ww)/n"], rows, notes))
     if report.skipped:
         out.append(("Skipped", ["section", "why"], [[k, v] for k, v in report.skipped.items()], []))
+    if report.provenance is not None:
+        out.append(("Provenance", ["", ""], [list(row) for row in report.provenance.rows()], []))
     return out
+
+
+def _score(sens: Any) -> str:
+    err = ERROR_BAR_SE * sens.score_stderr
+    return f"{sens.score:.4g} ± {err:.2g}" if err > 0 else f"{sens.score:.4g} (exact)"
+
+
+#: Below this λ_max (2/λ_max above 20) a minimum is nearly flat: the curvature bound on the step
+#: size is far above what gradient noise allows, and the suggested rates get a caveat.
+FLAT_LAMBDA_MAX = 0.1
+
+
+def _learning_rate_caveats(report: CurvatureReport) -> list[str]:
+    """Why the suggested learning rate may not be usable: an unconverged or tiny λ_max."""
+    h = report.analyses.hyperparameters
+    notes = []
+    e = report.eigenvalues
+    if e is not None and not bool(e.top.converged[0]):
+        notes.append("Caveat: λ1 did not converge, so the learning rates above rest on an unreliable λ_max.")
+    lam_max = float(h.lambda_max)
+    if lam_max < FLAT_LAMBDA_MAX:
+        notes.append(f"Caveat: λ_max ≈ {lam_max:.3g} is tiny (a nearly flat minimum), so 2/λ_max allows steps of "
+                     f"{h.max_learning_rate:.3g}; curvature alone ignores gradient noise and the loss beyond the "
+                     "quadratic model, so treat these rates as upper bounds, not as settings to use.")
+    return notes
 
 
 _FIGURES = {"spectrum": ("spectrum.png", "Hessian spectrum"), "layers": ("layers.png", "Per-layer curvature"),
@@ -240,7 +383,8 @@ def _figures(report: CurvatureReport) -> dict[str, Figure]:
         o = report.analyses.outliers if report.analyses else None
         edge = o.bulk_edge if o is not None and o.count > 0 else None
         figs["spectrum"] = plots.plot_spectrum(
-            report.spectrum.density, top=report.eigenvalues.top if report.eigenvalues else None, name=report.name,
+            report.spectrum.density, floor=report.spectrum.noise_floor,
+            top=report.eigenvalues.top if report.eigenvalues else None, name=report.name,
             bulk_edge=edge)
     if report.traces is not None:
         figs["layers"] = plots.plot_layers(report.traces, name=report.name)
@@ -322,7 +466,9 @@ def write_report(report: CurvatureReport, out: str, *, command: str = "report", 
         report.spectrum.density.save(paths["density"])
     if report.quantization is not None:
         paths["bitplan"] = os.path.join(out, "bitplan.json")
-        report.quantization.plan.to_json(paths["bitplan"])
+        with open(paths["bitplan"], "w") as f:  # quant's schema plus the run's provenance
+            json.dump({**report.quantization.plan.to_dict(), "provenance": provenance_dict(report)}, f, indent=2)
+            f.write("\n")
     paths["markdown"] = os.path.join(out, "report.md")
     with open(paths["markdown"], "w") as f:
         f.write(to_markdown(report, {k: _FIGURES[k][0] for k in images}))

@@ -1,10 +1,7 @@
 """What the ``curvature`` command analyses: the :class:`Problem` protocol, loading and checking it.
 
-A problem is a model, a loss and data. Users name a builder function with ``--problem``:
-``module:function`` (imported like ``python -c "import module"`` from the current directory),
-``path/to/file.py:function`` (the file's folder is importable, so it can import its neighbours), or
-a built-in name (``digits``, ``synthetic``). The builder returns a :class:`Problem`; the older forms
-``(model, loss_fn, data)`` and ``{"model", "loss_fn", "data"[, "name"]}`` keep working.
+A problem is a model, a loss and data. Users name a builder function with ``--problem``
+(:mod:`curvature.app.loader` finds it); the builder returns a :class:`Problem`.
 
 Everything that can be wrong with a problem is checked here, before any curvature is computed, and
 raised as a :class:`ProblemError` subclass whose ``exit_code`` the command returns.
@@ -12,20 +9,17 @@ raised as a :class:`ProblemError` subclass whose ``exit_code`` the command retur
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import inspect
 import math
-import os
-import sys
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
-from curvature import call_model
+from curvature import call_model, select_output
 
 __all__ = [
     "BadDataError",
@@ -39,8 +33,6 @@ __all__ = [
     "ProblemNotFoundError",
     "TrainModeError",
     "check_problem",
-    "load_problem",
-    "load_target",
     "problem_from",
 ]
 
@@ -135,7 +127,7 @@ class Problem:
     info: dict[str, float] = field(default_factory=dict)
 
 
-_EXPECTED = "a Problem(model, loss_fn, data), a tuple (model, loss_fn, data) or a dict with keys model, loss_fn, data"
+_EXPECTED = "curvature.app.Problem(model, loss_fn, data, name=...)"
 
 
 def _describe(obj: Any) -> str:
@@ -153,46 +145,30 @@ def _has_params(obj: Any) -> bool:
 
 
 def problem_from(result: Any, *, source: str = "the builder") -> Problem:
-    """Normalise what a builder returned to a :class:`Problem`, or say what was wrong.
+    """Check that a builder returned a :class:`Problem` whose parts have the right kinds.
 
     Example:
         >>> model = nn.Linear(2, 2)
-        >>> problem_from((model, nn.MSELoss(), (torch.zeros(3, 2), torch.zeros(3, 2)))).name
+        >>> problem_from(Problem(model, nn.MSELoss(), (torch.zeros(3, 2), torch.zeros(3, 2)))).name
         'model'
-        >>> problem_from(model)
+        >>> problem_from((model, nn.MSELoss(), None))
         Traceback (most recent call last):
         ...
-        curvature.app.problem.BadProblemError: the builder returned a Linear (the model alone); expected ...
+        curvature.app.problem.BadProblemError: the builder returned a tuple of 3 (Linear, MSELoss, NoneType); ...
     """
-    if isinstance(result, Problem):
-        problem = result
-    elif isinstance(result, (tuple, list)):
-        if len(result) != 3:
-            raise BadProblemError(f"{source} returned {_describe(result)}; expected {_EXPECTED}")
-        problem = Problem(*result)
-    elif isinstance(result, Mapping):
-        missing = sorted({"model", "loss_fn", "data"} - set(result))
-        if missing:
-            raise BadProblemError(f"{source} returned {_describe(result)}, lacking {missing}; expected {_EXPECTED}")
-        known = {"model", "loss_fn", "data", "name", "metric", "num_classes", "info"}
-        info = dict(result.get("info") or {})
-        info.update({k: float(v) for k, v in result.items() if k not in known and isinstance(v, (int, float))})
-        problem = Problem(result["model"], result["loss_fn"], result["data"], name=result.get("name", "model"),
-                          metric=result.get("metric"), num_classes=result.get("num_classes"), info=info)
-    elif isinstance(result, nn.Module):
-        raise BadProblemError(f"{source} returned a {type(result).__name__} (the model alone); expected {_EXPECTED}")
-    else:
-        raise BadProblemError(f"{source} returned {_describe(result)}; expected {_EXPECTED}")
-    _check_roles(problem, source)
-    return problem
+    if not isinstance(result, Problem):
+        alone = " (the model alone)" if isinstance(result, nn.Module) else ""
+        raise BadProblemError(f"{source} returned {_describe(result)}{alone}; expected {_EXPECTED}")
+    _check_roles(result, source)
+    return result
 
 
 def _check_roles(problem: Problem, source: str) -> None:
-    """The three parts are of the right kinds (a swapped tuple is named as such)."""
+    """The three parts are of the right kinds (swapped parts are named as such)."""
     parts = {"model": problem.model, "loss_fn": problem.loss_fn, "data": problem.data}
     if not _has_params(problem.model):
         where = [k for k, v in parts.items() if _has_params(v)]
-        hint = f"; the model came as {where[0]} — return (model, loss_fn, data) in that order" if where else ""
+        hint = f"; the model came as {where[0]} — pass Problem(model, loss_fn, data) in that order" if where else ""
         raise BadProblemError(
             f"{source}: model is {_describe(problem.model)}, expected an nn.Module with parameters{hint}"
         )
@@ -204,91 +180,6 @@ def _check_roles(problem: Problem, source: str) -> None:
         raise BadProblemError(f"{source}: name is {_describe(problem.name)}, expected a string")
     if problem.metric is not None and problem.metric != "accuracy" and not callable(problem.metric):
         raise BadProblemError(f"{source}: metric must be 'accuracy', a callable or None, got {problem.metric!r}")
-
-
-def _import_module(where: str, spec: str) -> Any:
-    if where.endswith(".py"):
-        path = os.path.abspath(where)
-        if not os.path.isfile(path):
-            raise ProblemNotFoundError(f"--problem {spec}: no such file {where!r}")
-        folder = os.path.dirname(path)
-        if folder not in sys.path:  # the file may import the modules next to it
-            sys.path.insert(0, folder)
-        name = os.path.splitext(os.path.basename(path))[0]
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module
-        try:
-            module_spec.loader.exec_module(module)
-        except ImportError as exc:
-            del sys.modules[name]
-            raise ProblemNotFoundError(f"--problem {spec}: {where} failed to import: {exc}") from exc
-        return module
-    if "" not in sys.path and os.getcwd() not in sys.path:  # `python -c`/`-m` semantics: the cwd first
-        sys.path.insert(0, os.getcwd())
-    try:
-        return importlib.import_module(where)
-    except ImportError as exc:
-        raise ProblemNotFoundError(f"--problem {spec}: cannot import {where!r} ({exc})") from exc
-
-
-def _call_builder(builder: Callable[..., Any], options: Mapping[str, Any]) -> Any:
-    """Call ``builder`` with the options it declares (``seed``, ``device``, ``quick``)."""
-    try:
-        params = inspect.signature(builder).parameters
-    except (TypeError, ValueError):
-        return builder()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return builder(**options)
-    return builder(**{k: v for k, v in options.items() if k in params})
-
-
-def load_problem(spec: str, **options: Any) -> Problem:
-    """Build the :class:`Problem` named by ``spec`` and validate its form.
-
-    Args:
-        spec: ``module:function``, ``path/to/file.py:function`` or a built-in name (``"digits"``,
-            ``"synthetic"``).
-        **options: passed to the builder when it declares them (e.g. ``seed``, ``device``, ``quick``).
-
-    Raises:
-        ProblemNotFoundError: nothing importable under that name.
-        BadProblemError: the builder returned something else than a problem.
-
-    Example:
-        >>> load_problem("synthetic", quick=True).name
-        'built-in CNN (synthetic 10-class images)'
-    """
-    from . import builtin  # the built-in problems import this module
-
-    if ":" not in spec:
-        if spec in builtin.BUILTIN_PROBLEMS:
-            return problem_from(_call_builder(builtin.BUILTIN_PROBLEMS[spec], options), source=spec)
-        raise ProblemNotFoundError(
-            f"--problem must be MODULE:FUNCTION, FILE.py:FUNCTION or one of {sorted(builtin.BUILTIN_PROBLEMS)}, "
-            f"got {spec!r}"
-        )
-    where, func_name = spec.rsplit(":", 1)
-    module = _import_module(where, spec)
-    builder = getattr(module, func_name, None)
-    if not callable(builder):
-        raise ProblemNotFoundError(f"--problem {spec}: {where!r} has no function {func_name!r}")
-    problem = problem_from(_call_builder(builder, options), source=f"{spec}")
-    if problem.name == "model":
-        problem.name = spec
-    return problem
-
-
-def load_target(spec: str, **options: Any) -> dict[str, Any]:
-    """Deprecated dict form of :func:`load_problem`: ``{"model", "loss_fn", "data", "name", ...}``.
-
-    Example:
-        >>> sorted(load_target("synthetic", quick=True))[:4]
-        ['data', 'info', 'loss_fn', 'metric']
-    """
-    p = load_problem(spec, **options)
-    return {"model": p.model, "loss_fn": p.loss_fn, "data": p.data, "name": p.name, "metric": p.metric,
-            "num_classes": p.num_classes, "info": p.info}
 
 
 @dataclass(frozen=True)
@@ -377,10 +268,20 @@ def check_problem(
             f"the model fails on the first batch (inputs {_shape(inputs)}): {type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}"
         ) from exc
-    outputs = model_output(outputs)
+    ggn_unavailable = None
     try:
-        with torch.no_grad():
+        outputs = select_output(outputs, who="the report")
+    except TypeError:  # the user's loss may take the raw output; the GGN needs one tensor
+        ggn_unavailable = (f"the model returns {type(outputs).__name__}, not a tensor or an output with .logits "
+                           "(the GGN needs one output tensor)")
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # torch warns (and then broadcasts) when an elementwise loss gets mismatched shapes
+            warnings.filterwarnings("error", message=".*target size.*different to the input size.*")
             loss = problem.loss_fn(outputs, targets)
+    except UserWarning as exc:
+        raise BadDataError(f"outputs {_shape(outputs)} and targets {_shape(targets)} of the first batch do not "
+                           f"match: {str(exc).splitlines()[0]}") from exc
     except Exception as exc:  # noqa: BLE001
         raise ModelCallError(
             f"the loss fails on the first batch (outputs {_shape(outputs)}, targets {_shape(targets)}): "
@@ -390,33 +291,8 @@ def check_problem(
         raise BadProblemError(f"loss_fn returned {_describe(loss)} on the first batch; expected a scalar tensor")
     if not math.isfinite(loss.item()):
         raise NonFiniteLossError(f"the loss is {loss.item()} on the first batch; check the data and the model")
-    ggn_unavailable = None
-    if not isinstance(outputs, Tensor):
-        ggn_unavailable = (f"the model returns {type(outputs).__name__}, not a tensor or an output with .logits "
-                           "(the GGN needs one output tensor)")
     return CheckedProblem(sum(p.numel() for p in trainable), ggn_unavailable)
 
 
-def model_output(out: Any) -> Any:
-    """What the loss receives, as the operators pick it: the tensor, else its ``.logits`` or ``["logits"]``.
-
-    Example:
-        >>> model_output({"logits": torch.zeros(2, 3)}).shape
-        torch.Size([2, 3])
-    """
-    if isinstance(out, Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if logits is None and isinstance(out, Mapping):
-        logits = out.get("logits")
-    return logits if isinstance(logits, Tensor) else out
-
-
 def _move(x: Any, device: torch.device) -> Any:
-    if isinstance(x, Tensor):
-        return x.to(device)
-    if isinstance(x, Mapping):
-        return {k: _move(v, device) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_move(v, device) for v in x)
-    return x
+    return tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, x)

@@ -13,6 +13,7 @@ import logging
 import math
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,10 +26,12 @@ import estimators
 import quant
 import spectra
 from curvature import GGN, Hessian
+from curvature.checks import check_count, check_tolerance
 from estimators import TraceEstimate
 from spectra import EigenResult, SpectralDensity, SpectralSumEstimate, analysis
 
-from .problem import Problem, check_problem, model_output
+from .problem import Problem, check_problem
+from .provenance import Provenance
 
 __all__ = [
     "AnalysisSection",
@@ -43,6 +46,8 @@ __all__ = [
     "compute_sections",
     "curvature_report",
     "disagreements",
+    "below_floor_mass",
+    "noise_floor",
 ]
 
 logger = logging.getLogger(__name__)
@@ -53,6 +58,14 @@ OPTIONAL_SECTION_ERRORS = (ValueError, TypeError, KeyError, RuntimeError, NotImp
 
 #: The error-bar width of every table and figure, in standard errors.
 ERROR_BAR_SE = 2.0
+
+#: Every section the report knows, in the order they are computed.
+SECTIONS = ("summary", "traces", "eigenvalues", "spectrum", "analyses", "quantization")
+
+#: Options that make every product of the report reproducible bit for bit (given the seed): the
+#: Hessian's fixed double-backward rule and the output-space operators' ``"loop"`` backend, instead
+#: of ``"auto"``'s per-process timing, whose choice changed the last bits between two runs.
+DETERMINISTIC = {"deterministic": True}
 
 
 @dataclass(frozen=True)
@@ -88,11 +101,26 @@ class ReportSettings:
     quant_matvecs: int = 48
     bit_choices: tuple[int, ...] = (2, 4, 8)
     graph_cache_bytes: int = 1 << 30
-    sections: tuple[str, ...] = ("summary", "traces", "eigenvalues", "spectrum", "analyses", "quantization")
+    sections: tuple[str, ...] = SECTIONS
+
+    def __post_init__(self) -> None:
+        for name in ("num_matvecs", "top_k", "slq_probes", "slq_steps", "outlier_window", "decompose_k",
+                     "decompose_max_iter", "decompose_trace_matvecs", "quant_matvecs", "graph_cache_bytes"):
+            check_count(getattr(self, name), name=name)
+        check_tolerance(self.tol)
+        for b in self.bit_choices:
+            check_count(b, name="bit_choices")
+        unknown = [x for x in self.sections if x not in SECTIONS]
+        if unknown or not self.sections:
+            raise ValueError(f"sections must be a non-empty subset of {SECTIONS}, got {self.sections}")
+
+    def budgets(self) -> dict[str, Any]:
+        """Every field, for the provenance record."""
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
 
     @classmethod
     def quick(cls, **changes: Any) -> ReportSettings:
-        """Small budgets: every section runs, in a few seconds on the built-in problem."""
+        """Small budgets on the same problem: every section runs, in seconds on the built-in problem."""
         base = dict(num_matvecs=30, top_k=3, slq_probes=2, slq_steps=30, tol=1e-3, outlier_window=20,
                     decompose_k=2, decompose_max_iter=40, decompose_trace_matvecs=12, quant_matvecs=12)
         base.update(changes)
@@ -160,11 +188,23 @@ class EigenSection:
 
 @dataclass(frozen=True)
 class SpectrumSection:
-    """The SLQ eigenvalue density and the spectral sums it gives for free."""
+    """The SLQ eigenvalue density and the spectral sums it gives for free.
+
+    ``noise_floor`` is the smallest ``|λ|`` the density resolves, the larger of two limits:
+    ``d · ε · |λ|max`` (``ε`` the machine epsilon of the operator's dtype), the rounding error of
+    a ``d``-term dot product relative to the largest eigenvalue; and the SLQ resolution, the
+    Gaussian kernel width ``σ`` of the density (node spacing of ``num_steps`` Lanczos steps,
+    :meth:`spectra.SpectralDensity.default_sigma`): a large cluster at zero comes out of Lanczos
+    as symmetric ``±`` Ritz values of about that size. Quadrature nodes below the floor are not
+    eigenvalues one can read off; ``below_floor_mass`` is their share of the spectrum, and the
+    figure does not draw them as signal.
+    """
 
     density: SpectralDensity
     trace: SpectralSumEstimate
     negative_mass: float
+    noise_floor: float
+    below_floor_mass: float
 
 
 @dataclass(frozen=True)
@@ -211,6 +251,7 @@ class CurvatureReport:
     quantization: QuantSection | None = None
     timings: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    provenance: Provenance | None = None
 
     def add(self, section: Section, seconds: float) -> None:
         """Store a finished section and its time."""
@@ -307,9 +348,7 @@ def _metric_value(problem: Problem, H: Hessian) -> float | None:
     total, count = 0.0, 0
     with torch.no_grad():
         for _, inputs, targets, n in H.batches():
-            outputs = H.model(**inputs) if isinstance(inputs, dict) else (
-                H.model(*inputs) if isinstance(inputs, (tuple, list)) else H.model(inputs))
-            outputs = model_output(outputs)
+            outputs = H.forward(inputs)  # the operators' one forward path: call_model, select_output, dtype
             if problem.metric == "accuracy":
                 value = (outputs.argmax(-1) == targets).float().mean()
             else:
@@ -366,7 +405,7 @@ def _traces(problem: Problem, H: Hessian, s: ReportSettings, gen: torch.Generato
     ggn = None
     if ggn_unavailable is None:
         with GGN(problem.model, problem.loss_fn, problem.data, graph_cache_bytes=s.graph_cache_bytes,
-                 allow_train_mode=H.allow_train_mode) as G:
+                 allow_train_mode=H.allow_train_mode, **DETERMINISTIC) as G:
             ggn = estimators.trace(G, num_matvecs=s.num_matvecs, method="auto", generator=gen, progress=progress)
     layers = tuple(
         LayerTrace(name, type(modules[name]).__name__ if name in modules else "?", sizes[name], est)
@@ -380,7 +419,37 @@ def _eigenvalues(H: Hessian, s: ReportSettings, gen: torch.Generator) -> EigenSe
     d = H.shape[0]
     top = spectra.eigsh(H, k=min(s.top_k, d), which="LA", tol=s.tol, generator=gen)
     bottom = spectra.eigsh(H, k=1, which="SA", tol=s.tol, generator=gen)
-    return EigenSection(top, bottom, _true_residuals(H, top), _true_residuals(H, bottom))
+    section = EigenSection(top, bottom, _true_residuals(H, top), _true_residuals(H, bottom))
+    pairs = (("λ{}", top, section.top_true_residuals), ("λ_min", bottom, section.bottom_true_residuals))
+    for label, result, true in pairs:
+        for i in range(result.k):
+            if not bool(result.converged[i]):
+                logger.warning("%s = %.6g did not converge to tol=%g (true relative residual %.2g)",
+                               label.format(i + 1), float(result.eigenvalues[i]), s.tol, float(true[i]))
+    return section
+
+
+def noise_floor(density: SpectralDensity, *, lambda_max: float | None = None,
+                dtype: torch.dtype = torch.float64) -> float:
+    """The smallest ``|λ|`` the density resolves: ``max(d · eps(dtype) · |λmax|, σ)``.
+
+    ``d · eps · |λmax|`` is the rounding error of the products; ``σ``
+    (:meth:`spectra.SpectralDensity.default_sigma`) the quadrature's resolution. ``lambda_max``
+    defaults to the largest ``|node|``.
+
+    Example:
+        >>> dens = SpectralDensity(torch.tensor([[-4e-7, 3e-7, 2.0]]), torch.tensor([[0.5, 0.4, 0.1]]), dim=1000)
+        >>> noise_floor(dens) == max(1000 * torch.finfo(torch.float64).eps * 2.0, dens.default_sigma())
+        True
+    """
+    scale = abs(lambda_max) if lambda_max is not None else float(density.nodes.abs().max())
+    return max(density.dim * torch.finfo(dtype).eps * scale, density.default_sigma())
+
+
+def below_floor_mass(density: SpectralDensity, floor: float) -> float:
+    """Share of the spectral mass at ``|λ| < floor``."""
+    w = density.weights
+    return float((w * (density.nodes.abs() < floor)).sum() / w.sum())
 
 
 def _spectrum(H: Hessian, s: ReportSettings, gen: torch.Generator, progress: bool,
@@ -390,7 +459,8 @@ def _spectrum(H: Hessian, s: ReportSettings, gen: torch.Generator, progress: boo
     scale = abs(float(top.eigenvalues[0])) if top is not None else float(density.nodes.abs().max())
     nodes, weights = density.nodes, density.weights
     negative = float((weights * (nodes < -0.01 * scale)).sum() / weights.sum())
-    return SpectrumSection(density, density.trace(), negative)
+    floor = noise_floor(density, lambda_max=scale, dtype=H.dtype)
+    return SpectrumSection(density, density.trace(), negative, floor, below_floor_mass(density, floor))
 
 
 def _analyses(problem: Problem, H: Hessian, s: ReportSettings, gen: torch.Generator,
@@ -405,7 +475,8 @@ def _analyses(problem: Problem, H: Hessian, s: ReportSettings, gen: torch.Genera
     if ggn_unavailable is None:
         dec = analysis.decompose(problem.model, problem.loss_fn, problem.data, k=s.decompose_k, tol=max(s.tol, 1e-4),
                                  max_iter=s.decompose_max_iter, trace_matvecs=s.decompose_trace_matvecs, generator=gen,
-                                 allow_train_mode=H.allow_train_mode)
+                                 allow_train_mode=H.allow_train_mode, graph_cache_bytes=s.graph_cache_bytes,
+                                 **DETERMINISTIC)
     else:
         skipped["decomposition"] = ggn_unavailable
     hyper = None
@@ -420,12 +491,27 @@ def _quantization(problem: Problem, s: ReportSettings, gen: torch.Generator,
                   allow_train_mode: bool) -> QuantSection:
     sens = quant.sensitivity(problem.model, problem.loss_fn, problem.data, num_matvecs=s.quant_matvecs,
                              generator=gen, hessian_options={"allow_train_mode": allow_train_mode,
-                                                             "graph_cache_bytes": s.graph_cache_bytes})
+                                                             "graph_cache_bytes": s.graph_cache_bytes,
+                                                             **DETERMINISTIC})
     uniform = {b: quant.make_plan(problem.model, sens, b) for b in s.bit_choices}
     budget = quant.make_plan(problem.model, sens, 4).size_bytes
     plan = quant.allocate_bits(problem.model, sens, bit_choices=s.bit_choices, max_size_bytes=budget)
     frontier = quant.pareto_frontier(problem.model, sens, bit_choices=s.bit_choices)
     return QuantSection(dict(sens), plan, uniform, tuple(frontier), budget)
+
+
+def _section_generators(generator: torch.Generator | None, device: torch.device) -> dict[str, torch.Generator]:
+    """One generator per section, seeded from one draw of ``generator`` and the section's name.
+
+    A section's numbers then depend only on the seed, not on which other sections ran before it:
+    ``curvature quantize`` and ``curvature report`` give the same sensitivities for one seed.
+    """
+    base = torch.Generator() if generator is None else generator
+    if generator is None:
+        base.seed()
+    root = int(torch.randint(0, 2**62, (1,), generator=base, device=base.device))
+    return {name: torch.Generator(device=device).manual_seed((root + zlib.crc32(name.encode())) % 2**63)
+            for name in SECTIONS}
 
 
 def compute_sections(
@@ -446,20 +532,22 @@ def compute_sections(
     report = report if report is not None else CurvatureReport(problem.name, s)
     checked = check_problem(problem, allow_train_mode=allow_train_mode)
     device = next(p for p in problem.model.parameters() if p.requires_grad).device
-    gen = generator if generator is not None else torch.Generator(device=device)
+    gens = _section_generators(generator, device)
     H = Hessian(problem.model, problem.loss_fn, problem.data, graph_cache_bytes=s.graph_cache_bytes,
-                allow_train_mode=allow_train_mode)
+                allow_train_mode=allow_train_mode, **DETERMINISTIC)
     ggn_off = checked.ggn_unavailable
     steps: list[tuple[str, str, Callable[[], Section]]] = [
         ("summary", "loss, gradient and metric", lambda: _summary(problem, H, ggn_off)),
-        ("traces", "traces (Hessian, GGN, per layer)", lambda: _traces(problem, H, s, gen, progress, ggn_off)),
-        ("eigenvalues", f"top {s.top_k} and smallest eigenvalues (Lanczos)", lambda: _eigenvalues(H, s, gen)),
+        ("traces", "traces (Hessian, GGN, per layer)",
+         lambda: _traces(problem, H, s, gens["traces"], progress, ggn_off)),
+        ("eigenvalues", f"top {s.top_k} and smallest eigenvalues (Lanczos)",
+         lambda: _eigenvalues(H, s, gens["eigenvalues"])),
         ("spectrum", "eigenvalue density (stochastic Lanczos quadrature)",
-         lambda: _spectrum(H, s, gen, progress, report.eigenvalues.top if report.eigenvalues else None)),
+         lambda: _spectrum(H, s, gens["spectrum"], progress, report.eigenvalues.top if report.eigenvalues else None)),
         ("analyses", "spectral analyses (outliers, H = G + R, learning rate)",
-         lambda: _analyses(problem, H, s, gen, report, ggn_off)),
+         lambda: _analyses(problem, H, s, gens["analyses"], report, ggn_off)),
         ("quantization", "HAWQ-V2 sensitivities and bit plan",
-         lambda: _quantization(problem, s, gen, allow_train_mode)),
+         lambda: _quantization(problem, s, gens["quantization"], allow_train_mode)),
     ]
     with H:
         for name, label, run in steps:

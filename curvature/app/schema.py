@@ -1,11 +1,14 @@
-"""The schema of ``summary.json`` (version 1) and a small validator for it.
+"""The schema of ``summary.json`` (version 2) and a small validator for it.
 
 ``summary.json`` is written by every ``curvature`` subcommand (and printed by ``--json``). It is a
 JSON object; numbers that are not finite are written as ``null``; every estimate is an object
 ``{"value", "stderr", "num_matvecs", "method"}`` with ``stderr`` one standard error (``0`` when
 exact, ``null`` when it cannot be estimated). Sections that were not computed (another subcommand,
 or an interrupted run: ``"complete": false``) are ``null``; optional sections that could not run for
-the problem are ``null`` and named in ``"skipped"`` with the reason. Later versions only add keys.
+the problem are ``null`` and named in ``"skipped"`` with the reason. ``"provenance"`` (version 2)
+records the command line, seed, quick flag, budgets, versions, device, date and the timings: the
+only part that differs between two runs with one seed. Version 2 moved ``timings_s`` into it.
+Later versions only add keys.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 
 __all__ = ["SCHEMA_VERSION", "SUMMARY_SCHEMA", "validate"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _NUM = {"type": ["number", "null"]}
 _EST = {"type": "object", "required": ["value", "stderr", "num_matvecs", "method"],
@@ -32,7 +35,7 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
 SUMMARY_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["schema_version", "command", "complete", "sections", "problem", "traces", "eigenvalues",
-                 "spectrum", "analyses", "quantization", "skipped", "timings_s", "files"],
+                 "spectrum", "analyses", "quantization", "skipped", "files", "provenance"],
     "properties": {
         "schema_version": {"type": "integer"},
         "command": {"type": "string"},
@@ -66,7 +69,8 @@ SUMMARY_SCHEMA: dict[str, Any] = {
             "properties": {"top": {"type": "array", "items": _EIG}, "smallest": _EIG},
         }),
         "spectrum": _nullable({
-            "type": "object", "required": ["num_probes", "num_steps", "support", "trace", "negative_mass"],
+            "type": "object", "required": ["num_probes", "num_steps", "support", "trace", "negative_mass",
+                                           "noise_floor", "below_noise_floor_mass"],
             "properties": {"num_probes": {"type": "integer"}, "num_steps": {"type": "integer"},
                            "support": {"type": "array", "items": {"type": "number"}}, "trace": _EST,
                            "negative_mass": {"type": "number"}},
@@ -83,8 +87,17 @@ SUMMARY_SCHEMA: dict[str, Any] = {
                            "layers": {"type": "array", "items": {"type": "object"}}},
         }),
         "skipped": {"type": "object"},
-        "timings_s": {"type": "object"},
         "files": {"type": "object"},
+        "provenance": _nullable({
+            "type": "object",
+            "required": ["command_line", "problem", "seed", "quick", "settings", "versions", "device", "date",
+                         "deterministic", "timings_s"],
+            "properties": {"command_line": {"type": ["string", "null"]}, "problem": {"type": "string"},
+                           "seed": {"type": ["integer", "null"]}, "quick": {"type": "boolean"},
+                           "settings": {"type": "object"}, "versions": {"type": "object"},
+                           "device": {"type": "string"}, "date": {"type": "string"},
+                           "deterministic": {"type": "string"}, "timings_s": {"type": "object"}},
+        }),
     },
 }
 

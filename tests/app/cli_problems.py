@@ -30,11 +30,13 @@ def build_tiny() -> Problem:
 
 
 def build_tuple():
+    """The removed tuple form: refused with exit code 4."""
     return _model(), nn.CrossEntropyLoss(), _data()
 
 
 def build_dict():
-    return {"model": _model(), "loss_fn": nn.CrossEntropyLoss(), "data": _data(), "name": "dict form", "acc": 0.5}
+    """The removed dict form: refused with exit code 4."""
+    return {"model": _model(), "loss_fn": nn.CrossEntropyLoss(), "data": _data(), "name": "dict form"}
 
 
 def returns_none():
@@ -46,36 +48,43 @@ def returns_model():
 
 
 def swapped():
-    return nn.CrossEntropyLoss(), _model(), _data()
+    return Problem(nn.CrossEntropyLoss(), _model(), _data())
 
 
 def nan_loss():
     (x, y), rest = _data()[0], _data()[1:]
-    return _model(), nn.CrossEntropyLoss(), [(x * float("nan"), y), *rest]
+    return Problem(_model(), nn.CrossEntropyLoss(), [(x * float("nan"), y), *rest])
 
 
 def train_mode():
     model = nn.Sequential(nn.Linear(3, 6), nn.Dropout(0.2), nn.Linear(6, 3)).double()
-    return model, nn.CrossEntropyLoss(), _data()
+    return Problem(model, nn.CrossEntropyLoss(), _data())
 
 
 def empty_data():
-    return _model(), nn.CrossEntropyLoss(), []
+    return Problem(_model(), nn.CrossEntropyLoss(), [])
 
 
 def frozen():
     model = _model().requires_grad_(False)
-    return model, nn.CrossEntropyLoss(), _data()
+    return Problem(model, nn.CrossEntropyLoss(), _data())
 
 
 def bare_tensor():
-    return _model(), nn.CrossEntropyLoss(), torch.randn(8, 3, dtype=torch.float64)
+    return Problem(_model(), nn.CrossEntropyLoss(), torch.randn(8, 3, dtype=torch.float64))
 
 
 def shape_mismatch():
     g = torch.Generator().manual_seed(0)
-    return _model(), nn.CrossEntropyLoss(), (torch.randn(8, 5, generator=g, dtype=torch.float64),
-                                              torch.zeros(8, dtype=torch.long))
+    return Problem(_model(), nn.CrossEntropyLoss(), (torch.randn(8, 5, generator=g, dtype=torch.float64),
+                                                      torch.zeros(8, dtype=torch.long)))
+
+
+def output_target_mismatch():
+    """MSE of (8, 3) outputs against (8, 1) targets: torch warns and broadcasts to a wrong loss."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    return Problem(_model(), nn.MSELoss(), (x, torch.zeros(8, 1, dtype=torch.float64)))
 
 
 def import_transformers():
@@ -114,3 +123,10 @@ def tiny_gpt2(seed: int = 0) -> Problem:
     labels = ids.masked_fill(mask == 0, -100)
     data = [({"input_ids": ids[i:i + 3], "attention_mask": mask[i:i + 3]}, labels[i:i + 3]) for i in (0, 3)]
     return Problem(model, TokenCrossEntropyLoss(shift=True), data, name="tiny GPT-2")
+
+
+def quick_aware(quick: bool = False) -> Problem:
+    """A builder that would change its model under ``--quick``: the command must not pass it."""
+    problem = build_tiny()
+    problem.name = f"quick={quick}"
+    return problem

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from curvature.app import load_problem, load_target
+from curvature.app import load_problem
 from curvature.app.cli import EXIT_CODES, main
 from curvature.app.problem import BadProblemError, ProblemNotFoundError
 
@@ -42,6 +42,10 @@ CASES = [
     ("frozen parameters", ["--problem", f"{PROBLEMS}:frozen"], "frozen parameters", "requires grad"),
     ("bare tensor", ["--problem", f"{PROBLEMS}:bare_tensor"], "bad data", "bare tensor of shape (8, 3)"),
     ("input-shape mismatch", ["--problem", f"{PROBLEMS}:shape_mismatch"], "model call", "inputs (8, 5)"),
+    ("output/target shape mismatch", ["--problem", f"{PROBLEMS}:output_target_mismatch"], "bad data",
+     "outputs (8, 3) and targets (8, 1)"),
+    ("tuple form", ["--problem", f"{PROBLEMS}:build_tuple"], "not a problem", "expected curvature.app.Problem"),
+    ("dict form", ["--problem", f"{PROBLEMS}:build_dict"], "not a problem", "returned a dict"),
 ]
 
 
@@ -103,14 +107,27 @@ def test_usage_error_and_exit_code_of_the_process(tmp_path):
 def test_load_problem_raises_exceptions_not_system_exit():
     with pytest.raises(ProblemNotFoundError):
         load_problem("nocolon")
-    with pytest.raises(BadProblemError, match=r"expected a Problem\(model, loss_fn, data\)"):
-        load_target(f"{PROBLEMS}:returns_none")
+    with pytest.raises(BadProblemError, match=r"expected curvature.app.Problem\(model, loss_fn, data"):
+        load_problem(f"{PROBLEMS}:returns_none")
 
 
-@pytest.mark.parametrize("builder", ["build_tiny", "build_tuple", "build_dict"])
-def test_old_and_new_builder_forms(builder):
-    p = load_problem(f"{PROBLEMS}:{builder}")
-    assert sum(t.numel() for t in p.model.parameters()) == 45
-    assert p.name == {"build_tiny": "tiny MLP", "build_dict": "dict form"}.get(builder, f"{PROBLEMS}:{builder}")
-    if builder == "build_dict":
-        assert p.info == {"acc": 0.5}
+def test_syntax_error_in_the_problem_file_is_problem_not_found(tmp_path, capsys):
+    bad = tmp_path / "broken.py"
+    bad.write_text("def build(:\n    pass\n")
+    code, err = _run(capsys, "--problem", f"{bad}:build", "--out", str(tmp_path / "o"))
+    assert code == EXIT_CODES["problem not found"]
+    assert "SyntaxError" in _one_line(err) and "line 1" in err
+
+
+@pytest.mark.parametrize("option", ["--probes", "--top-k", "--slq-probes", "--slq-steps", "--budget-mb"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_bad_budgets_are_usage_errors_before_any_work(option, value, capsys, tmp_path, monkeypatch):
+    import curvature.app.cli as cli
+
+    monkeypatch.setattr(cli, "load_problem", lambda *a, **k: pytest.fail("the problem was built"))
+    with pytest.raises(SystemExit) as info:
+        main(["report", "--quick", "--no-progress", option, value, "--out", str(tmp_path / "o")])
+    assert info.value.code == EXIT_CODES["usage"]
+    err = capsys.readouterr().err
+    assert option in err and "num_matvecs" not in err
+    assert not (tmp_path / "o").exists()

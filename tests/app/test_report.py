@@ -1,9 +1,6 @@
-"""The report's numbers against exact dense references, its figures, and the deprecated shims."""
+"""The report's numbers against exact dense references, and its figures."""
 
 from __future__ import annotations
-
-import importlib
-import sys
 
 import matplotlib
 
@@ -107,23 +104,3 @@ def test_figures_have_the_expected_axes(exact_report):
     assert "exact" in fig.axes[0].get_xlabel() and fig.axes[0].get_title() == "Per-layer curvature: tiny MLP"
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["0 (Linear), 24 params", "2 (Linear), 21 params"]
     plt.close(fig)
-
-
-@pytest.mark.parametrize("module, name", [("curvature.report", "curvature_report"), ("curvature.cli", "main"),
-                                          ("curvature.demo", "trained_cnn")])
-def test_deprecated_shims_warn_and_forward(module, name):
-    sys.modules.pop(module, None)
-    with pytest.warns(DeprecationWarning, match=module):
-        shim = importlib.import_module(module)
-    assert callable(getattr(shim, name))
-
-
-def test_deprecated_report_keeps_its_old_options():
-    sys.modules.pop("curvature.report", None)
-    with pytest.warns(DeprecationWarning):
-        from curvature.report import curvature_report as old_report
-    problem = build_tiny()
-    with pytest.warns(DeprecationWarning, match="curvature.app.curvature_report"):
-        report = old_report(problem.model, problem.loss_fn, problem.data, num_matvecs=60, top_k=2, slq_probes=2,
-                            slq_steps=10, generator=torch.Generator().manual_seed(0))
-    assert report.complete and report.eigenvalues.top.k == 2 and report.traces.hessian.method == "exact"
