@@ -102,7 +102,8 @@ def main(argv=None):
     parser.add_argument("--finetune-steps", type=int, default=100)
     parser.add_argument("--probes", type=int, default=32, help="Hutchinson probes of the HAWQ sensitivities")
     parser.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES))
-    parser.add_argument("--quick", action="store_true", help="shorter CNN training (smoke tests)")
+    parser.add_argument("--quick", action="store_true",
+                        help="60 training steps of the CNN instead of 400 (smoke tests only, not for figures)")
     args = parser.parse_args(argv)
     sparsities = tuple(args.sparsities)
     out = Path(args.out)
@@ -110,7 +111,7 @@ def main(argv=None):
 
     runs = []
     for seed in range(args.seeds):
-        split = digits_split(seed=seed, quick=args.quick)
+        split = digits_split(seed=seed, steps=60 if args.quick else 400)
         gen = torch.Generator().manual_seed(1000 + seed)
         run = {"seed": seed, "dense": accuracy(split.model, split.test), "oneshot": {}, "finetuned": {}}
         for method in METHODS:

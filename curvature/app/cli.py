@@ -31,6 +31,8 @@ import torch
 
 import curvature
 
+from . import prune_command
+from .errors import DeviceError, UnavailableError
 from .loader import load_problem
 from .output import StagedOutput, summary_dict, to_markdown, write_report
 from .problem import ProblemError
@@ -45,18 +47,6 @@ EXIT_CODES = {
     "train mode": 8, "empty data": 9, "frozen parameters": 10, "bad data": 11, "model call": 12,
     "unavailable": 13, "interrupted": 130, "internal": 1,
 }
-
-
-class DeviceError(ValueError):
-    """The requested device does not exist on this machine (exit code 6)."""
-
-    exit_code = 6
-
-
-class UnavailableError(RuntimeError):
-    """A part of the analysis cannot run for this problem or installation (exit code 13)."""
-
-    exit_code = 13
 
 
 @dataclass(frozen=True)
@@ -90,6 +80,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "eigs": Subcommand("top-k and smallest Hessian eigenvalues with true residuals", ("summary", "eigenvalues")),
     "quantize": Subcommand("a HAWQ-V2 mixed-precision bit plan (bitplan.json) and its Pareto figure",
                            ("summary", "quantization"), required_section="quantization"),
+    "prune": Subcommand("gradual M-FAC (or magnitude) pruning of the built-in digits CNN, with fine-tuning",
+                        add_arguments=prune_command.add_arguments, run=prune_command.run),
 }
 
 _PROBLEM_HELP = """\

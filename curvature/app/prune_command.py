@@ -6,8 +6,10 @@ schedule prunes further with :func:`quant.prune` (gradients from mini-batches of
 split), prints the held-out accuracy, fine-tunes with Adam while :func:`quant.keep_pruned`
 keeps the mask, and prints the accuracy again.
 
-The lead wires it into the command with ``prune_command.add_parser(subparsers)`` and dispatches
-``prune_command.run(args)``.
+It is the ``prune`` entry of :data:`curvature.app.cli.SUBCOMMANDS`: the command's common options
+(``--seed``, ``--quick``, ``--json``, ``--no-progress``, ...) plus :func:`add_arguments`'s own.
+``--quick`` keeps the same trained model and lowers the budgets (16 gradients, one recomputation,
+10 fine-tuning steps at most).
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from tqdm.auto import tqdm
 import quant
 
 from .builtin import digits_cnn, load_digits_tensors
+from .errors import UnavailableError
 
-__all__ = ["DigitsSplit", "PruneRecord", "accuracy", "add_parser", "digits_split", "finetune", "gradient_batches",
+__all__ = ["DigitsSplit", "PruneRecord", "accuracy", "add_arguments", "digits_split", "finetune", "gradient_batches",
            "gradual_prune", "run"]
 
 
@@ -40,15 +43,15 @@ class DigitsSplit:
     test: tuple[Tensor, Tensor]
 
 
-def digits_split(*, seed: int = 0, quick: bool = False) -> DigitsSplit:
+def digits_split(*, seed: int = 0, steps: int = 400) -> DigitsSplit:
     """The built-in digits problem's model with its train/held-out split (the same permutation as its builder).
 
     Example:
-        >>> split = digits_split(quick=True)
+        >>> split = digits_split(steps=20)
         >>> split.train[0].shape, split.test[0].shape
         (torch.Size([1437, 1, 8, 8]), torch.Size([360, 1, 8, 8]))
     """
-    problem = digits_cnn(seed=seed, quick=quick)
+    problem = digits_cnn(seed=seed, steps=steps)
     x, y = load_digits_tensors()
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))  # as digits_cnn draws it
     train, test = order[:1437], order[1437:]
@@ -142,13 +145,8 @@ def gradual_prune(split: DigitsSplit, schedule: Sequence[float], *, method: str 
     return records, mask
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``prune`` subcommand to an ``argparse`` subparsers object and return its parser."""
-    p = subparsers.add_parser(
-        "prune", help="gradual M-FAC/magnitude pruning of the built-in digits CNN with fine-tuning",
-        description="curvature prune: gradual Optimal-Brain-Surgeon pruning with M-FAC inverses (or magnitude "
-                    "pruning) of the built-in digits CNN, with held-out accuracy after each step.",
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the options of ``curvature prune`` to its parser (the common ones are added by the command)."""
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.75, 0.9],
                    help="the schedule of sparsities (default: %(default)s)")
     p.add_argument("--method", choices=quant.PRUNE_METHODS, default="mfac")
@@ -160,39 +158,41 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--recomputations", type=int, default=4, help="M-FAC recomputations per step (default: %(default)s)")
     p.add_argument("--finetune-steps", type=int, default=100, help="Adam steps after each pruning step")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (default: %(default)g)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the training, the split and the batches")
-    p.add_argument("--quick", action="store_true", help="a shorter training of the CNN (for tests)")
     p.add_argument("--save-mask", default=None, help="write the final mask here (quant.PruneMask.load reads it)")
-    p.add_argument("--json", action="store_true", help="print the records as JSON on stdout")
-    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
-    return p
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``curvature prune``; returns the exit code (0, or 2 for bad options)."""
+    if args.problem != "digits":
+        raise UnavailableError(f"curvature prune runs on the built-in digits problem (it fine-tunes on its training "
+                               f"split and measures held-out accuracy), not on {args.problem!r}; "
+                               "from Python, quant.prune and quant.GradualPruner take any model")
     progress = not args.no_progress
+    num_gradients, recomputations, finetune_steps = args.num_gradients, args.recomputations, args.finetune_steps
+    if args.quick:  # the same trained model, smaller budgets
+        num_gradients, recomputations, finetune_steps = min(num_gradients, 16), 1, min(finetune_steps, 10)
     schedule = [0.5] if args.pattern else list(args.sparsities)
     if any(not 0 <= s < 1 for s in schedule) or any(b < a for a, b in zip(schedule, schedule[1:])):
         print(f"curvature prune: --sparsities must increase within [0, 1), got {schedule}", file=sys.stderr)
         return 2
     if progress:
         print("[curvature] training the digits CNN...", file=sys.stderr, flush=True)
-    split = digits_split(seed=args.seed, quick=args.quick)
+    split = digits_split(seed=args.seed)
     dense = accuracy(split.model, split.test)
 
     def show(record: PruneRecord) -> None:
         if not args.json:
             print(f"step {record.step}: sparsity {record.sparsity:.3f}  held-out accuracy {record.accuracy_pruned:.3f} "
-                  f"pruned, {record.accuracy_finetuned:.3f} after {args.finetune_steps} fine-tuning steps "
+                  f"pruned, {record.accuracy_finetuned:.3f} after {finetune_steps} fine-tuning steps "
                   f"({record.seconds:.1f} s)", flush=True)
 
     if not args.json:
         print(f"dense: held-out accuracy {dense:.3f}  ({args.method}, schedule {schedule})", flush=True)
     try:
         records, mask = gradual_prune(
-            split, schedule, method=args.method, num_gradients=args.num_gradients, damping=args.damping,
-            block_size=args.block_size, recomputations=args.recomputations, pattern=args.pattern, scope=args.scope,
-            finetune_steps=args.finetune_steps, lr=args.lr, seed=args.seed, progress=progress, report=show,
+            split, schedule, method=args.method, num_gradients=num_gradients, damping=args.damping,
+            block_size=args.block_size, recomputations=recomputations, pattern=args.pattern, scope=args.scope,
+            finetune_steps=finetune_steps, lr=args.lr, seed=args.seed, progress=progress, report=show,
         )
     except ValueError as exc:
         print(f"curvature prune: {exc}", file=sys.stderr)

@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
 
 import quant
-from curvature.app import prune_command
+from curvature.app import cli, prune_command
 
 
 def _parse(argv):
-    parser = argparse.ArgumentParser(prog="curvature")
-    sub = parser.add_subparsers(dest="command")
-    prune_command.add_parser(sub)
-    return parser.parse_args(["prune", *argv])
+    return cli._parser().parse_args(["prune", *argv])
 
 
 @pytest.fixture(scope="module")
 def split():
-    return prune_command.digits_split(seed=0, quick=True)
+    return prune_command.digits_split(seed=0, steps=100)
 
 
 def test_split_is_the_builtin_problems_split(split):
