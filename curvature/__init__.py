@@ -5,7 +5,7 @@ vectors ``(d,)`` or blocks ``(d, k)`` with ``@``; see :class:`LinearOperator`.
 """
 
 from .blocks import Block, group_blocks_by_module, make_blocks
-from .data import Batch, BatchSource, batch_weight, call_model
+from .data import Batch, BatchSource, EmptyDataError, batch_weight, call_model
 from .distributed import (
     DataParallelOperator,
     DistributedCurvatureError,
@@ -33,6 +33,7 @@ __all__ = [
     "Batch",
     "BatchSource",
     "batch_weight",
+    "EmptyDataError",
     "call_model",
     "ModelOperator",
     "group_blocks_by_module",

@@ -29,7 +29,18 @@ __all__ = [
     "split_batch",
     "slice_batch",
     "batch_tensors",
+    "EmptyDataError",
 ]
+
+class EmptyDataError(ValueError):
+    """The data hold nothing to average over: no batches, or (for a ``mean`` loss) only batches of
+    weight 0, such as batches whose targets are all ``ignore_index``.
+
+    Example:
+        >>> issubclass(EmptyDataError, ValueError)
+        True
+    """
+
 
 #: ``normaliser(inputs, targets) -> float``: the denominator of a ``mean`` loss on one batch.
 Normaliser = Callable[[Any, Any], float]
@@ -307,7 +318,7 @@ class BatchSource:
             count, samples, total = count + 1, samples + n, total + w
             yield Batch(index, moved_inputs, moved_targets, n, w, raw)
         if count == 0:
-            raise ValueError("data is empty: it yielded no batches")
+            raise EmptyDataError("data is empty: it yielded no batches")
         self._counts = (count, samples, total)
 
     def _count(self) -> tuple[int, int, float]:
@@ -319,7 +330,7 @@ class BatchSource:
                 count, samples = count + 1, samples + batch_size(inputs, targets)
                 total += self.batch_weight(inputs, targets)
             if count == 0:
-                raise ValueError("data is empty: it yielded no batches")
+                raise EmptyDataError("data is empty: it yielded no batches")
             self._counts = (count, samples, total)
         return self._counts
 

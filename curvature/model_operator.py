@@ -17,7 +17,7 @@ from ._linalg import all_finite
 from ._state import BatchKey, ModelState, batch_key, capture_state, mode_dependent_modules, state_structure
 from .blocks import make_blocks
 from .compat import exact_weight_norm, unwrap_compiled
-from .data import Batch, BatchSource, batch_tensors, call_model
+from .data import Batch, BatchSource, EmptyDataError, batch_tensors, call_model, split_batch
 from .linear_operator import LinearOperator
 from .losses import LossInfo, LossNormaliser, check_outputs, describe_loss
 from .outputs import OutputSelector, select_output
@@ -192,10 +192,18 @@ class ModelOperator(LinearOperator):
         # A lambda does not say whether it sums or averages: read it off the first batch.
         self._loss_normaliser.strict = not self._single_batch
         if self.loss_info.kind == "generic":
-            with self._preserved_buffers(), differentiable_kernels(), exact_weight_norm(self.model):
-                first = next(iter(self._source.data))
-                self.loss_info = self._loss_normaliser.resolve(first)
-            self._source.reduction = self.loss_info.reduction
+            self._resolve_generic_loss()
+
+    def _resolve_generic_loss(self) -> None:
+        """Read a loss the toolkit does not recognise (a lambda) off the first batch that shows
+        something: a batch of weight 0 (every target ignored) says nothing about the normaliser.
+        Empty data resolves nothing here; the products raise :class:`~curvature.data.EmptyDataError`."""
+        with self._preserved_buffers(), differentiable_kernels(), exact_weight_norm(self.model):
+            for raw in self._source.data:
+                self.loss_info = self._loss_normaliser.resolve(tuple(split_batch(raw)))
+                if not self._loss_normaliser.awaiting_batch:
+                    break
+        self._source.reduction = self.loss_info.reduction
 
     def _batch_normaliser(self) -> Callable[[Any, Any], float] | None:
         """The loss's own per-batch normaliser for :func:`curvature.data.batch_weight`
@@ -381,8 +389,10 @@ class ModelOperator(LinearOperator):
             total: Tensor | None = None
             weights = 0.0
             for batch in self._pass_batches():
-                parts = self._batch_product(batch.index, batch.inputs, batch.targets, V_list)
                 weight = batch.weight
+                if mean and weight == 0:
+                    continue  # every target ignored: the batch is no part of the mean (its loss is 0/0)
+                parts = self._batch_product(batch.index, batch.inputs, batch.targets, V_list)
                 weights += weight
                 if first is None:  # kept unscaled: one batch needs no weighting at all
                     first = (parts, weight)
@@ -392,7 +402,11 @@ class ModelOperator(LinearOperator):
                     total.mul_(first[1])
                 for block, part in zip(self.blocks, parts):
                     total[:, block.slice].add_(part.reshape(k, -1), alpha=weight)
-            assert first is not None  # the batch source raises on empty data
+            if first is None:  # the batch source raises on no batches at all
+                raise EmptyDataError(
+                    f"{type(self).__name__}: every batch of the data has weight 0 (the loss's normaliser: e.g. "
+                    "all targets are ignore_index), so the mean loss over the data is undefined"
+                )
             if total is None:
                 total = self._flat(first[0], k)
             elif mean:
@@ -411,6 +425,8 @@ class ModelOperator(LinearOperator):
 
     def _raise_non_finite(self, V_list: list[Tensor]) -> None:
         for batch in self._pass_batches():
+            if self.loss_info.reduction == "mean" and batch.weight == 0:
+                continue
             parts = self._batch_product(batch.index, batch.inputs, batch.targets, V_list)
             if not all(torch.isfinite(p).all() for p in parts):
                 raise FloatingPointError(f"{type(self).__name__} product is not finite on batch {batch.index}")
