@@ -16,7 +16,7 @@ from .empirical_fisher import EmpiricalFisher
 from .fisher import Fisher
 from .ggn import GGN
 from .hessian import Hessian
-from .inverse import CGInfo, CGInverse, MINRESInverse, NegativeCurvatureError, inverse
+from .inverse import CGInfo, CGInverse, MINRESInverse, NegativeCurvatureError, SolveProgress, inverse
 from .linear_operator import DenseOperator, LinearOperator, as_operator
 from .losses import TokenCrossEntropyLoss
 from .mfac import MFACInverse, collect_gradients
@@ -42,6 +42,7 @@ __all__ = [
     "CGInverse",
     "MINRESInverse",
     "NegativeCurvatureError",
+    "SolveProgress",
     "MFACInverse",
     "SlidingMFACInverse",
     "collect_gradients",
