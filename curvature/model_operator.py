@@ -39,9 +39,6 @@ def _names_of(model: nn.Module, params: ParamSpec) -> ParamSpec:
 
 logger = logging.getLogger(__name__)
 
-#: Kept for code that imported it: the kernel switch is :func:`curvature._kernels.differentiable_kernels`.
-_differentiable_kernels = differentiable_kernels
-
 #: Default memory budget for cached graphs when the data has several batches.
 DEFAULT_GRAPH_CACHE_BYTES = 1 << 30
 
