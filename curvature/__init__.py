@@ -5,7 +5,7 @@ vectors ``(d,)`` or blocks ``(d, k)`` with ``@``; see :class:`LinearOperator`.
 """
 
 from .blocks import Block, group_blocks_by_module, make_blocks
-from .data import Batch, BatchSource, EmptyDataError, batch_weight, call_model
+from .data import Batch, BatchSource, EmptyDataError, batch_weight, call_model, map_tensors
 from .distributed import (
     DataParallelOperator,
     DistributedCurvatureError,
@@ -21,6 +21,7 @@ from .linear_operator import DenseOperator, LinearOperator, as_operator
 from .losses import TokenCrossEntropyLoss
 from .mfac import MFACInverse, collect_gradients
 from .model_operator import ModelOperator
+from .outputs import select_output
 from .precision import in_working_precision, working_dtype
 from .sliding_mfac import SlidingMFACInverse
 
@@ -35,6 +36,8 @@ __all__ = [
     "batch_weight",
     "EmptyDataError",
     "call_model",
+    "map_tensors",
+    "select_output",
     "ModelOperator",
     "group_blocks_by_module",
     "make_blocks",

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "split_batch",
     "slice_batch",
     "batch_tensors",
+    "map_tensors",
     "EmptyDataError",
 ]
 
@@ -152,6 +154,31 @@ def batch_weight(inputs: Any, targets: Any, *, reduction: str, normaliser: Norma
     return float(batch_size(inputs, targets))
 
 
+def _as_tree(obj: Any) -> Any:
+    """``obj`` with a mapping that pytree does not know (Hugging Face's ``BatchEncoding``) as a dict."""
+    if isinstance(obj, Mapping) and not isinstance(obj, dict):
+        return dict(obj)
+    return obj
+
+
+def map_tensors(fn: Callable[..., Any], obj: Any, *others: Any) -> Any:
+    """Apply ``fn`` to every tensor of a batch structure (tensors in tuples, lists, dicts, nested),
+    leaving everything else as it is: THE walk over nested batches (``torch.utils._pytree``).
+
+    With ``others`` (structures of the same shape), ``fn`` takes the matching tensors of all.
+
+    Example:
+        >>> map_tensors(lambda t: t * 2, {"a": torch.ones(1), "n": 3})
+        {'a': tensor([2.]), 'n': 3}
+        >>> map_tensors(lambda a, b: a + b, (torch.ones(1),), (torch.ones(1),))
+        (tensor([2.]),)
+    """
+    def apply(t: Any, *rest: Any) -> Any:
+        return fn(t, *rest) if isinstance(t, Tensor) else t
+
+    return pytree.tree_map(apply, _as_tree(obj), *(_as_tree(o) for o in others))
+
+
 def move_to(obj: Any, device: torch.device) -> Any:
     """Move tensors (also inside tuples, lists and dicts) to ``device``.
 
@@ -159,13 +186,7 @@ def move_to(obj: Any, device: torch.device) -> Any:
         >>> move_to({"a": torch.ones(1)}, torch.device("cpu"))["a"].device.type
         'cpu'
     """
-    if isinstance(obj, Tensor):
-        return obj.to(device, non_blocking=True) if obj.device != device else obj
-    if isinstance(obj, Mapping):
-        return {k: move_to(v, device) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(move_to(v, device) for v in obj)
-    return obj
+    return map_tensors(lambda t: t.to(device, non_blocking=True) if t.device != device else t, obj)
 
 
 def call_model(model: nn.Module | Any, inputs: Any) -> Any:
@@ -204,13 +225,7 @@ def slice_batch(obj: Any, index: slice) -> Any:
         >>> slice_batch((torch.arange(4), {"m": torch.arange(8).view(4, 2)}), slice(1, 3))[1]["m"].tolist()
         [[2, 3], [4, 5]]
     """
-    if isinstance(obj, Tensor):
-        return obj[index] if obj.ndim > 0 else obj
-    if isinstance(obj, Mapping):
-        return {k: slice_batch(v, index) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(slice_batch(v, index) for v in obj)
-    return obj
+    return map_tensors(lambda t: t[index] if t.ndim > 0 else t, obj)
 
 
 def batch_tensors(obj: Any) -> list[Tensor]:
@@ -220,13 +235,7 @@ def batch_tensors(obj: Any) -> list[Tensor]:
         >>> len(batch_tensors(({"a": torch.ones(1), "b": torch.ones(2)}, torch.ones(3))))
         3
     """
-    if isinstance(obj, Tensor):
-        return [obj]
-    if isinstance(obj, Mapping):
-        return [t for k in obj for t in batch_tensors(obj[k])]
-    if isinstance(obj, (tuple, list)):
-        return [t for v in obj for t in batch_tensors(v)]
-    return []
+    return [t for t in pytree.tree_leaves(_as_tree(obj)) if isinstance(t, Tensor)]
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,15 @@ from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from curvature import GGN, EmptyDataError, Hessian, LinearOperator
+from curvature import GGN, EmptyDataError, Hessian, LinearOperator, map_tensors
+from curvature.checks import check_count, check_positive_float
+from curvature.probes import make_generator
 
 from ..eigsh import eigsh
-from ._common import check_int, check_positive_float, fresh_generator, tolist
+from ._common import tolist
 
 __all__ = [
     "BatchScalingResult",
@@ -331,35 +334,23 @@ class BatchScalingResult:
 
 
 # ----------------------------------------------------------------------------- computation
+def _tensors_only(x: Any) -> Any:
+    leaves = pytree.tree_leaves(x)
+    if not leaves or any(not isinstance(t, Tensor) for t in leaves):
+        raise TypeError(f"data must hold tensors (or tuples/dicts of tensors), got {type(x).__name__}")
+    return x
+
+
 def _index(x: Any, idx: Tensor) -> Any:
-    if isinstance(x, Tensor):
-        return x[idx.to(x.device)]
-    if isinstance(x, (tuple, list)):
-        return type(x)(_index(t, idx) for t in x)
-    if isinstance(x, dict):
-        return {k: _index(v, idx) for k, v in x.items()}
-    raise TypeError(f"data must hold tensors (or tuples/dicts of tensors), got {type(x).__name__}")
+    return map_tensors(lambda t: t[idx.to(t.device)], _tensors_only(x))
 
 
 def _num_samples(x: Any) -> int:
-    if isinstance(x, Tensor):
-        return int(x.shape[0])
-    if isinstance(x, (tuple, list)) and x:
-        return _num_samples(x[0])
-    if isinstance(x, dict) and x:
-        return _num_samples(next(iter(x.values())))
-    raise TypeError(f"data must hold tensors (or tuples/dicts of tensors), got {type(x).__name__}")
+    return int(pytree.tree_leaves(_tensors_only(x))[0].shape[0])
 
 
 def _cat(parts: list) -> Any:
-    first = parts[0]
-    if isinstance(first, Tensor):
-        return torch.cat(parts)
-    if isinstance(first, (tuple, list)):
-        return type(first)(_cat([p[i] for p in parts]) for i in range(len(first)))
-    if isinstance(first, dict):
-        return {k: _cat([p[k] for p in parts]) for k in first}
-    raise TypeError(f"data must hold tensors, got {type(first).__name__}")
+    return map_tensors(lambda *ts: torch.cat(ts), _tensors_only(parts[0]), *parts[1:])
 
 
 def _as_dataset(data: Any) -> tuple[Any, Any]:
@@ -475,13 +466,7 @@ def _gradient_moments(op: Any, model: nn.Module, loss_fn: Callable[..., Tensor],
 
 
 def _unsqueeze(x: Any) -> Any:
-    if isinstance(x, Tensor):
-        return x.unsqueeze(0)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_unsqueeze(t) for t in x)
-    if isinstance(x, dict):
-        return {k: _unsqueeze(v) for k, v in x.items()}
-    return x
+    return map_tensors(lambda t: t.unsqueeze(0), x)
 
 
 def _expected_batch_second_moment(mean: Tensor, spread: Tensor, B: int, N: int) -> Tensor:
@@ -568,18 +553,18 @@ def batch_size_scaling(
     """
     if curvature not in _CURVATURES:
         raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
-    sizes = [check_int(b, "batch_sizes") for b in batch_sizes]
+    sizes = [check_count(b, name="batch_sizes") for b in batch_sizes]
     if len(sizes) < 3:
         raise ValueError(f"batch_sizes needs at least 3 sizes for a fit, got {len(sizes)}")
     if sorted(set(sizes)) != sizes:
         raise ValueError(f"batch_sizes must be strictly increasing, got {tuple(batch_sizes)}")
-    R = check_int(num_batches, "num_batches", minimum=2)
-    num_steps = check_int(num_steps, "num_steps", minimum=2)
-    max_iter = check_int(max_iter, "max_iter")
-    tol = check_positive_float(tol, "tol")
-    tol_min = check_positive_float(tol_min, "tol_min")
-    adam_eps = check_positive_float(adam_eps, "adam_eps")
-    g = fresh_generator(generator)
+    R = check_count(num_batches, name="num_batches", minimum=2)
+    num_steps = check_count(num_steps, name="num_steps", minimum=2)
+    max_iter = check_count(max_iter, name="max_iter")
+    tol = check_positive_float(tol, name="tol")
+    tol_min = check_positive_float(tol_min, name="tol_min")
+    adam_eps = check_positive_float(adam_eps, name="adam_eps")
+    g = make_generator(generator)
     inputs, targets = _as_dataset(data)
     N = _num_samples(inputs)
     if _num_samples(targets) != N:
