@@ -142,3 +142,10 @@ def test_train_mode_cases_are_refused_unless_allowed(model_case):
             Op(p.model, p.loss_fn, p.data)
     with pytest.warns(UserWarning, match="allow_train_mode"):
         Hessian(p.model, p.loss_fn, p.data, allow_train_mode=True)
+
+
+def test_mixed_parameter_dtypes_are_refused_by_name():
+    p = cases.problem("mixed_dtype", "ce", "uneven")
+    for Op in OPERATORS.values():
+        with pytest.raises(TypeError, match="mixed dtypes"):
+            Op(p.model, p.loss_fn, p.data)
