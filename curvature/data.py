@@ -119,13 +119,9 @@ def batch_size(inputs: Any, targets: Any) -> int:
     """
     if isinstance(targets, Tensor) and targets.ndim > 0:
         return int(targets.shape[0])
-    first = inputs
-    if isinstance(inputs, Mapping):
-        first = next(iter(inputs.values()))
-    elif isinstance(inputs, (tuple, list)):
-        first = inputs[0]
-    if isinstance(first, Tensor) and first.ndim > 0:
-        return int(first.shape[0])
+    leaves = batch_tensors(inputs)
+    if leaves and leaves[0].ndim > 0:
+        return int(leaves[0].shape[0])
     raise ValueError("cannot tell the number of samples of a batch: targets and inputs have no batch dimension")
 
 
