@@ -380,7 +380,8 @@ def collect_gradients(
         num_grads: ``m``, the number of gradients; a ``ValueError`` if ``data`` runs out first.
         batch_size: cut every batch into mini-batches of this many samples (a shorter remainder
             is skipped so all gradients average the same number of samples); ``None`` uses the
-            batches of ``data`` as they are.
+            batches of ``data`` as they are. A mini-batch of weight 0 under a ``mean`` loss (all
+            targets ``ignore_index``: its loss is 0/0) gives no gradient and is skipped.
         dtype, device: of the returned ``(m, d)`` tensor (default: those of the parameters).
 
     Example:
