@@ -5,7 +5,7 @@ vectors ``(d,)`` or blocks ``(d, k)`` with ``@``; see :class:`LinearOperator`.
 """
 
 from .blocks import Block, group_blocks_by_module, make_blocks
-from .data import Batch, BatchSource, batch_weight, call_model
+from .data import Batch, BatchSource, EmptyDataError, batch_weight, call_model, map_tensors
 from .distributed import (
     DataParallelOperator,
     DistributedCurvatureError,
@@ -16,7 +16,7 @@ from .empirical_fisher import EmpiricalFisher
 from .fisher import Fisher
 from .ggn import GGN
 from .hessian import Hessian
-from .inverse import CGInfo, CGInverse, MINRESInverse, NegativeCurvatureError, inverse
+from .inverse import CGInfo, CGInverse, MINRESInverse, NegativeCurvatureError, SolveProgress, inverse
 from .linear_operator import DenseOperator, LinearOperator, as_operator
 from .losses import TokenCrossEntropyLoss
 from .mfac import MFACInverse, collect_gradients
@@ -34,7 +34,9 @@ __all__ = [
     "Batch",
     "BatchSource",
     "batch_weight",
+    "EmptyDataError",
     "call_model",
+    "map_tensors",
     "select_output",
     "ModelOperator",
     "group_blocks_by_module",
@@ -43,6 +45,7 @@ __all__ = [
     "CGInverse",
     "MINRESInverse",
     "NegativeCurvatureError",
+    "SolveProgress",
     "MFACInverse",
     "SlidingMFACInverse",
     "collect_gradients",

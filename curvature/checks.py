@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from typing import Any, Sequence
 
 from torch import Tensor
@@ -33,7 +32,6 @@ __all__ = [
     "check_real",
     "check_rtol",
     "check_tolerance",
-    "renamed_option",
 ]
 
 
@@ -160,30 +158,3 @@ def check_choice(value: Any, *, name: str, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
     return value
-
-
-
-def renamed_option(new_value: Any, old_value: Any, *, new: str, old: str, default: Any = None,
-                   where: str = "", stacklevel: int = 3) -> Any:
-    """Resolve an option renamed to the toolkit's one vocabulary, keeping the old name one release.
-
-    ``old_value`` is what the caller passed under the deprecated name (``_UNSET``-like ``None``
-    means not passed). Passing both is an error; passing only the old one warns with a
-    ``DeprecationWarning`` and returns it.
-
-    Example:
-        >>> import warnings
-        >>> with warnings.catch_warnings(record=True) as w:
-        ...     warnings.simplefilter("always")
-        ...     renamed_option(None, 50, new="max_iter", old="max_steps", where="eigsh")
-        50
-        >>> str(w[0].message)
-        'eigsh: max_steps= is deprecated; use max_iter= (same meaning)'
-    """
-    if old_value is None:
-        return default if new_value is None else new_value
-    if new_value is not None:
-        raise TypeError(f"{where}: pass {new}= only ({old}= is its deprecated name)")
-    warnings.warn(f"{where}: {old}= is deprecated; use {new}= (same meaning)", DeprecationWarning,
-                  stacklevel=stacklevel)
-    return old_value

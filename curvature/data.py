@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 __all__ = [
@@ -29,7 +30,19 @@ __all__ = [
     "split_batch",
     "slice_batch",
     "batch_tensors",
+    "map_tensors",
+    "EmptyDataError",
 ]
+
+class EmptyDataError(ValueError):
+    """The data hold nothing to average over: no batches, or (for a ``mean`` loss) only batches of
+    weight 0, such as batches whose targets are all ``ignore_index``.
+
+    Example:
+        >>> issubclass(EmptyDataError, ValueError)
+        True
+    """
+
 
 #: ``normaliser(inputs, targets) -> float``: the denominator of a ``mean`` loss on one batch.
 Normaliser = Callable[[Any, Any], float]
@@ -106,13 +119,9 @@ def batch_size(inputs: Any, targets: Any) -> int:
     """
     if isinstance(targets, Tensor) and targets.ndim > 0:
         return int(targets.shape[0])
-    first = inputs
-    if isinstance(inputs, Mapping):
-        first = next(iter(inputs.values()))
-    elif isinstance(inputs, (tuple, list)):
-        first = inputs[0]
-    if isinstance(first, Tensor) and first.ndim > 0:
-        return int(first.shape[0])
+    leaves = batch_tensors(inputs)
+    if leaves and leaves[0].ndim > 0:
+        return int(leaves[0].shape[0])
     raise ValueError("cannot tell the number of samples of a batch: targets and inputs have no batch dimension")
 
 
@@ -141,6 +150,31 @@ def batch_weight(inputs: Any, targets: Any, *, reduction: str, normaliser: Norma
     return float(batch_size(inputs, targets))
 
 
+def _as_tree(obj: Any) -> Any:
+    """``obj`` with a mapping that pytree does not know (Hugging Face's ``BatchEncoding``) as a dict."""
+    if isinstance(obj, Mapping) and not isinstance(obj, dict):
+        return dict(obj)
+    return obj
+
+
+def map_tensors(fn: Callable[..., Any], obj: Any, *others: Any) -> Any:
+    """Apply ``fn`` to every tensor of a batch structure (tensors in tuples, lists, dicts, nested),
+    leaving everything else as it is: THE walk over nested batches (``torch.utils._pytree``).
+
+    With ``others`` (structures of the same shape), ``fn`` takes the matching tensors of all.
+
+    Example:
+        >>> map_tensors(lambda t: t * 2, {"a": torch.ones(1), "n": 3})
+        {'a': tensor([2.]), 'n': 3}
+        >>> map_tensors(lambda a, b: a + b, (torch.ones(1),), (torch.ones(1),))
+        (tensor([2.]),)
+    """
+    def apply(t: Any, *rest: Any) -> Any:
+        return fn(t, *rest) if isinstance(t, Tensor) else t
+
+    return pytree.tree_map(apply, _as_tree(obj), *(_as_tree(o) for o in others))
+
+
 def move_to(obj: Any, device: torch.device) -> Any:
     """Move tensors (also inside tuples, lists and dicts) to ``device``.
 
@@ -148,13 +182,7 @@ def move_to(obj: Any, device: torch.device) -> Any:
         >>> move_to({"a": torch.ones(1)}, torch.device("cpu"))["a"].device.type
         'cpu'
     """
-    if isinstance(obj, Tensor):
-        return obj.to(device, non_blocking=True) if obj.device != device else obj
-    if isinstance(obj, Mapping):
-        return {k: move_to(v, device) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(move_to(v, device) for v in obj)
-    return obj
+    return map_tensors(lambda t: t.to(device, non_blocking=True) if t.device != device else t, obj)
 
 
 def call_model(model: nn.Module | Any, inputs: Any) -> Any:
@@ -193,13 +221,7 @@ def slice_batch(obj: Any, index: slice) -> Any:
         >>> slice_batch((torch.arange(4), {"m": torch.arange(8).view(4, 2)}), slice(1, 3))[1]["m"].tolist()
         [[2, 3], [4, 5]]
     """
-    if isinstance(obj, Tensor):
-        return obj[index] if obj.ndim > 0 else obj
-    if isinstance(obj, Mapping):
-        return {k: slice_batch(v, index) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(slice_batch(v, index) for v in obj)
-    return obj
+    return map_tensors(lambda t: t[index] if t.ndim > 0 else t, obj)
 
 
 def batch_tensors(obj: Any) -> list[Tensor]:
@@ -209,13 +231,7 @@ def batch_tensors(obj: Any) -> list[Tensor]:
         >>> len(batch_tensors(({"a": torch.ones(1), "b": torch.ones(2)}, torch.ones(3))))
         3
     """
-    if isinstance(obj, Tensor):
-        return [obj]
-    if isinstance(obj, Mapping):
-        return [t for k in obj for t in batch_tensors(obj[k])]
-    if isinstance(obj, (tuple, list)):
-        return [t for v in obj for t in batch_tensors(v)]
-    return []
+    return [t for t in pytree.tree_leaves(_as_tree(obj)) if isinstance(t, Tensor)]
 
 
 @dataclass(frozen=True)
@@ -307,7 +323,7 @@ class BatchSource:
             count, samples, total = count + 1, samples + n, total + w
             yield Batch(index, moved_inputs, moved_targets, n, w, raw)
         if count == 0:
-            raise ValueError("data is empty: it yielded no batches")
+            raise EmptyDataError("data is empty: it yielded no batches")
         self._counts = (count, samples, total)
 
     def _count(self) -> tuple[int, int, float]:
@@ -319,7 +335,7 @@ class BatchSource:
                 count, samples = count + 1, samples + batch_size(inputs, targets)
                 total += self.batch_weight(inputs, targets)
             if count == 0:
-                raise ValueError("data is empty: it yielded no batches")
+                raise EmptyDataError("data is empty: it yielded no batches")
             self._counts = (count, samples, total)
         return self._counts
 

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .data import EmptyDataError
 from .linear_operator import LinearOperator, as_operator, check_operand
 from .model_operator import ModelOperator
 from .precision import working_dtype
@@ -304,7 +305,12 @@ class DataParallelOperator(LinearOperator):
         }
         if self._model_op:
             source = self.local.batch_source
-            meta["counts"] = (source.num_samples, source.num_batches, source.total_weight)
+            try:
+                meta["counts"] = (source.num_samples, source.num_batches, source.total_weight)
+            except EmptyDataError:  # an empty shard: it weighs 0, the other ranks hold the data
+                meta["counts"] = (0, 0, 0.0)
+            if meta["counts"][2] == 0:
+                meta["reduction"] = None  # nothing read off the shard (a lambda loss): the others say
             meta["params"] = fingerprint([p.reshape(-1) for p in self.local.params])
         return meta
 
@@ -322,12 +328,23 @@ class DataParallelOperator(LinearOperator):
         if failed:
             raise DistributedCurvatureError(failed, {r: gathered[r]["error"] for r in failed}) from error
         first = gathered[0]
+        reductions = {m["reduction"] for m in gathered} - {None}
+        if len(reductions) > 1:
+            raise ValueError(
+                f"the ranks disagree on the loss reduction: {sorted(reductions)}; every rank must build the same "
+                "operator over the same model"
+            )
+        if self._model_op:
+            if not reductions:
+                raise EmptyDataError(
+                    "the data of every rank are empty or weigh 0 (e.g. all targets are ignore_index)"
+                )
+            self.reduction = reductions.pop()
         for r, m in enumerate(gathered[1:], start=1):
             for key, what in (
                 ("d", "the operator dimension (number of selected parameters)"),
                 ("dtype", "the dtype"),
                 ("blocks", "the parameter names and shapes"),
-                ("reduction", "the loss reduction"),
                 ("device_type", "the device type"),
             ):
                 if m[key] != first[key]:
@@ -404,8 +421,12 @@ class DataParallelOperator(LinearOperator):
         error: BaseException | None = None
         local: Tensor | None = None
         try:
-            local = self.local @ V
-            control[rank] = self._local_weight()
+            try:
+                local = self.local @ V
+                control[rank] = self._local_weight()
+            except EmptyDataError:  # an empty or fully padded shard weighs 0: it adds nothing
+                local = torch.zeros_like(V)
+                control[rank] = 0.0
         except Exception as exc:  # noqa: BLE001 -- every rank raises in _join_control
             error = exc
         self._num_products += 1
@@ -420,6 +441,8 @@ class DataParallelOperator(LinearOperator):
         assert local is not None
         if self.reduction == "mean":
             weights = control[:n].tolist()
+            if math.fsum(weights) == 0:
+                raise EmptyDataError("the data of every rank are empty or weigh 0 (e.g. all targets are ignore_index)")
             scale_r = weights[rank] / math.fsum(weights)
         else:
             scale_r = 1.0

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, Callable, Sequence
 
 from torch import Tensor, nn
 from torch.func import functional_call
+
+from .data import call_model
 
 __all__ = ["model_as_function"]
 
@@ -27,14 +28,9 @@ def model_as_function(model: nn.Module, names: Sequence[str], inputs: Any) -> Ca
     selected = set(names)
     rest = {n: p.detach() for n, p in model.named_parameters() if n not in selected}
     rest.update({n: b for n, b in model.named_buffers()})
-    if isinstance(inputs, Mapping):
-        args, kwargs = (), dict(inputs)
-    elif isinstance(inputs, (tuple, list)):
-        args, kwargs = tuple(inputs), {}
-    else:
-        args, kwargs = (inputs,), {}
 
     def f(*params: Tensor) -> Any:
-        return functional_call(model, {**rest, **dict(zip(names, params))}, args, kwargs, strict=False)
+        values = {**rest, **dict(zip(names, params))}
+        return call_model(lambda *args, **kwargs: functional_call(model, values, args, kwargs, strict=False), inputs)
 
     return f

@@ -4,16 +4,17 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
 import torch
 from torch import Tensor
 
-from .checks import check_count, check_damping, check_real, renamed_option
+from .checks import check_count, check_damping, check_real
 from .linear_operator import LinearOperator, as_operator
 
-__all__ = ["inverse", "CGInverse", "CGInfo", "MINRESInverse", "NegativeCurvatureError"]
+__all__ = ["inverse", "CGInverse", "CGInfo", "MINRESInverse", "NegativeCurvatureError", "SolveProgress"]
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +23,66 @@ logger = logging.getLogger(__name__)
 Preconditioner = Union[None, Tensor, LinearOperator, Callable[[Tensor], Tensor]]
 
 METHODS = ("cg", "minres")
+
+#: Seconds between INFO progress lines of a long solve.
+LOG_EVERY_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class SolveProgress:
+    """What a solver's ``callback`` receives after every iteration.
+
+    Attributes:
+        solver: ``"cg"`` or ``"minres"``.
+        iteration: iterations done (1-based).
+        active: columns still iterating.
+        max_relative_residual: the largest ``||r|| / ||b||`` of the active columns.
+        num_matvecs: columns multiplied so far in this solve.
+    """
+
+    solver: str
+    iteration: int
+    active: int
+    max_relative_residual: float
+    num_matvecs: int
+
+
+class _Progress:
+    """Progress of one solve: the optional ``callback``, a tqdm bar (``progress=True``) and an INFO
+    line every :data:`LOG_EVERY_SECONDS` and at the end, so a long solve is never silent."""
+
+    def __init__(self, solver: str, k: int, d: int, max_iter: int, callback: Any, progress: bool):
+        self.solver, self.k, self.max_iter, self.callback = solver, k, max_iter, callback
+        self.start = self.last_log = time.monotonic()
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=max_iter, desc=solver.upper(), unit="it", leave=False)
+        logger.debug("%s: solving %d right-hand sides of dimension %d (max_iter=%d)", solver, k, d, max_iter)
+
+    def step(self, iteration: int, residuals: Tensor, b_norm: Tensor, num_matvecs: int) -> None:
+        if self.callback is None and self.bar is None and not logger.isEnabledFor(logging.INFO):
+            return
+        rel = float((residuals / b_norm.clamp_min(torch.finfo(b_norm.dtype).tiny)).max()) if residuals.numel() else 0.0
+        info = SolveProgress(self.solver, iteration, int(residuals.numel()), rel, num_matvecs)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(active=info.active, residual=f"{rel:.2e}", refresh=False)
+        now = time.monotonic()
+        if now - self.last_log >= LOG_EVERY_SECONDS:
+            self.last_log = now
+            logger.info("%s: iteration %d of at most %d, %d of %d columns active, max relative residual %.3g",
+                        self.solver.upper(), iteration, self.max_iter, info.active, self.k, rel)
+        if self.callback is not None:
+            self.callback(info)
+
+    def close(self, info: CGInfo) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        logger.info("%s: %d iterations, %d matvecs, %.1f s, max relative residual %.3g", self.solver.upper(),
+                    info.max_iterations, info.num_matvecs, time.monotonic() - self.start,
+                    max(info.relative_residuals, default=0.0))
 NEGATIVE_CURVATURE_ACTIONS = ("raise", "stop")
 
 
@@ -128,12 +189,15 @@ class CGInverse(LinearOperator):
             a SciPy ``LinearOperator``).
         damping: ``λ > 0``.
         tol: relative residual tolerance.
-        max_iter: iteration limit per solve (default ``10 d``); ``maxiter`` is its deprecated name.
+        max_iter: iteration limit per solve (default ``10 d``).
         preconditioner: approximation of ``(op + λI)⁻¹``, symmetric positive definite: an operator
             (for example an :class:`~curvature.mfac.MFACInverse`), a square tensor, a ``(d,)``
             tensor applied elementwise (for Jacobi pass ``1 / (diag(op) + λ)``) or a callable
             mapping a ``(d, k)`` tensor to a ``(d, k)`` tensor.
         negative_curvature: ``"raise"`` (default) or ``"stop"``.
+        callback: called after every iteration with a :class:`SolveProgress`.
+        progress: a tqdm bar over the iterations (off by default). Whatever these are, a solve
+            logs its progress at INFO every :data:`LOG_EVERY_SECONDS` and a summary at the end.
 
     Example:
         >>> A = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
@@ -151,8 +215,9 @@ class CGInverse(LinearOperator):
         tol: float = 1e-6,
         max_iter: int | None = None,
         preconditioner: Preconditioner = None,
-        maxiter: int | None = None,
         negative_curvature: str = "raise",
+        callback: Callable[[SolveProgress], None] | None = None,
+        progress: bool = False,
     ):
         damping = check_damping(damping)
         if negative_curvature not in NEGATIVE_CURVATURE_ACTIONS:
@@ -166,8 +231,8 @@ class CGInverse(LinearOperator):
         self.op = op
         self.damping = damping
         self.tol = float(tol)
-        max_iter = renamed_option(max_iter, maxiter, new="max_iter", old="maxiter", where="CGInverse")
         self.max_iter = 10 * d if max_iter is None else check_count(max_iter, name="max_iter")
+        self.callback, self.progress = _check_callback(callback), bool(progress)
         self._precondition = self._make_preconditioner(preconditioner)
         self.last_info: CGInfo | None = None
 
@@ -211,7 +276,8 @@ class CGInverse(LinearOperator):
         P = Z.clone()
         rz = (R * Z).sum(0)
         Xw = torch.zeros_like(R)
-        for _ in range(self.max_iter):
+        progress = _Progress("cg", k, self.shape[0], self.max_iter, self.callback, self.progress)
+        for it in range(self.max_iter):
             if cols.numel() == 0:
                 break
             AP = self._apply(P)
@@ -226,6 +292,7 @@ class CGInverse(LinearOperator):
             R.sub_(AP * alpha)
             iterations[cols] += 1
             res = torch.linalg.vector_norm(R, dim=0)
+            progress.step(it + 1, res, b_norm[cols], num_matvecs)
             done = bad | (res <= threshold[cols])
             if bool(done.any()):
                 idx = cols[done]
@@ -246,6 +313,7 @@ class CGInverse(LinearOperator):
 
         converged = (final_res <= threshold) & ~breakdown
         self.last_info = _solve_info(iterations, final_res, b_norm, converged, breakdown, num_matvecs)
+        progress.close(self.last_info)
         if not self.last_info.all_converged:
             failed = [i for i, c in enumerate(self.last_info.converged) if not c]
             logger.warning(
@@ -269,6 +337,7 @@ class MINRESInverse(LinearOperator):
     ``A + λI`` is not singular). Like :class:`CGInverse` all columns share one product per
     iteration and stop on their own at ``||r|| <= tol · ||b||`` (the recurrence's residual norm);
     :attr:`last_info` is a :class:`CGInfo` (``breakdown`` always false). No preconditioner.
+    ``callback`` and ``progress`` as for :class:`CGInverse` (progress is logged at INFO).
 
     Example:
         >>> A = torch.diag(torch.tensor([1.0, -3.0, 2.0], dtype=torch.float64))
@@ -277,13 +346,23 @@ class MINRESInverse(LinearOperator):
         [0.666667, -0.4, 0.4]
     """
 
-    def __init__(self, op: Any, *, damping: float, tol: float = 1e-6, max_iter: int | None = None):
+    def __init__(
+        self,
+        op: Any,
+        *,
+        damping: float,
+        tol: float = 1e-6,
+        max_iter: int | None = None,
+        callback: Callable[[SolveProgress], None] | None = None,
+        progress: bool = False,
+    ):
         damping = check_damping(damping)
         op, tol = _solver_operator(op, tol, "MINRES")
         super().__init__(op.shape[0], op.dtype, op.device, op.blocks)
         d = op.shape[0]
         self.op, self.damping, self.tol = op, damping, float(tol)
         self.max_iter = 10 * d if max_iter is None else check_count(max_iter, name="max_iter")
+        self.callback, self.progress = _check_callback(callback), bool(progress)
         self.last_info: CGInfo | None = None
 
     def _matmat(self, B: Tensor) -> Tensor:
@@ -303,6 +382,7 @@ class MINRESInverse(LinearOperator):
         beta = b_norm[cols].clone()
         oldb, dbar, epsln = torch.zeros_like(beta), torch.zeros_like(beta), torch.zeros_like(beta)
         phibar, cs, sn = beta.clone(), -torch.ones_like(beta), torch.zeros_like(beta)
+        progress = _Progress("minres", k, self.shape[0], self.max_iter, self.callback, self.progress)
         for it in range(self.max_iter):
             if cols.numel() == 0:
                 break
@@ -329,6 +409,7 @@ class MINRESInverse(LinearOperator):
             Xw = Xw + W * phi
             iterations[cols] += 1
             res = phibar.abs()
+            progress.step(it + 1, res, b_norm[cols], num_matvecs)
             done = (res <= threshold[cols]) | (beta <= tiny)
             if bool(done.any()):
                 idx = cols[done]
@@ -344,6 +425,7 @@ class MINRESInverse(LinearOperator):
             final_res[cols] = phibar.abs()
         converged = final_res <= threshold
         self.last_info = _solve_info(iterations, final_res, b_norm, converged, torch.zeros_like(converged), num_matvecs)
+        progress.close(self.last_info)
         if not self.last_info.all_converged:
             logger.warning("MINRES did not converge for %d of %d columns within max_iter=%d",
                            k - int(converged.sum()), k, self.max_iter)
@@ -361,8 +443,9 @@ def inverse(
     tol: float = 1e-6,
     max_iter: int | None = None,
     preconditioner: Preconditioner = None,
-    maxiter: int | None = None,
     negative_curvature: str = "raise",
+    callback: Callable[[SolveProgress], None] | None = None,
+    progress: bool = False,
 ) -> CGInverse | MINRESInverse:
     """The damped inverse ``(op + damping · I)⁻¹`` of any operator, applied matrix-free.
 
@@ -371,7 +454,8 @@ def inverse(
     ``.last_info``; ``op + damping · I`` must be positive definite (negative curvature raises
     :class:`NegativeCurvatureError`, or stops the column with ``negative_curvature="stop"``).
     ``method="minres"`` returns a :class:`MINRESInverse` for symmetric indefinite systems (no
-    preconditioner).
+    preconditioner). ``callback`` (a :class:`SolveProgress` per iteration) and ``progress`` (a tqdm
+    bar, off by default) follow a long solve; it is also logged at INFO.
 
     Example:
         >>> A = torch.diag(torch.tensor([1.0, 3.0], dtype=torch.float64))
@@ -381,10 +465,15 @@ def inverse(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    max_iter = renamed_option(max_iter, maxiter, new="max_iter", old="maxiter", where="inverse")
     if method == "minres":
         if preconditioner is not None:
             raise ValueError("method='minres' takes no preconditioner (use method='cg' for a preconditioned solve)")
-        return MINRESInverse(op, damping=damping, tol=tol, max_iter=max_iter)
+        return MINRESInverse(op, damping=damping, tol=tol, max_iter=max_iter, callback=callback, progress=progress)
     return CGInverse(op, damping=damping, tol=tol, max_iter=max_iter, preconditioner=preconditioner,
-                     negative_curvature=negative_curvature)
+                     negative_curvature=negative_curvature, callback=callback, progress=progress)
+
+
+def _check_callback(callback: Any) -> Any:
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+    return callback

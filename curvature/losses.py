@@ -416,6 +416,8 @@ def verify_normalizer(
     out = outputs.detach()
     with torch.no_grad():
         loss, norm = evaluate_loss(info, loss_fn, out, targets, inputs)
+    if norm.reduction == "mean" and norm.value == 0:
+        return norm, None  # a batch of weight 0 (all targets ignored) shows nothing: verify on the next
     if not isinstance(loss, Tensor) or loss.ndim != 0:
         return norm, None  # the operators report a non-scalar loss themselves
     if not torch.is_floating_point(loss):
@@ -508,6 +510,11 @@ def _shapes(obj: Any) -> tuple:
     return ()
 
 
+def _shows_nothing(norm: Normalizer) -> bool:
+    """A mean over nothing (every target ignored): the batch weighs 0 and verifies nothing."""
+    return norm.reduction == "mean" and norm.value == 0
+
+
 class LossNormaliser:
     """A loss's own normaliser per batch, ``normaliser(inputs, targets) -> Z``, for batch weights.
 
@@ -541,6 +548,7 @@ class LossNormaliser:
         self.strict = strict
         self._memo: dict[tuple, float] = {}
         self._verified = False
+        self._awaiting = False
         self._rule: int | None = None
 
     def _outputs(self, inputs: Any) -> Tensor:
@@ -565,11 +573,18 @@ class LossNormaliser:
         norm, self._rule = verify_normalizer(
             info, self.loss_fn, outputs, self._moved(targets), inputs=inputs, strict=self.strict
         )
-        self._verified = True
+        self._verified = not _shows_nothing(norm)
+        self._awaiting = not self._verified
         self._memo[(_shapes(inputs), _fingerprint(self._moved(targets)))] = norm.value
         if norm.reduction != info.reduction:
             self.info = dataclasses.replace(info, reduction=norm.reduction)
         return self.info
+
+    @property
+    def awaiting_batch(self) -> bool:
+        """Whether the last :meth:`resolve` met a batch of weight 0 (every target ignored), which
+        shows nothing about the normaliser: resolve on the next batch."""
+        return self._awaiting
 
     def _moved(self, targets: Any) -> Any:
         from .data import move_to
@@ -596,7 +611,7 @@ class LossNormaliser:
                 norm, self._rule = verify_normalizer(
                     info, self.loss_fn, outputs, targets, inputs=inputs, strict=self.strict
                 )
-                self._verified = True
+                self._verified = not _shows_nothing(norm)
                 self._memo[(_shapes(inputs), _fingerprint(targets))] = norm.value
                 return norm
             self._verified = True

@@ -29,6 +29,7 @@ from .blocks import Block, make_blocks
 from .checks import check_count, check_damping
 from .data import BatchSource, call_model
 from .linear_operator import LinearOperator
+from .losses import LossNormaliser, describe_loss
 from .params import ParamSpec, select_parameters
 
 __all__ = ["MFACInverse", "collect_gradients"]
@@ -379,7 +380,8 @@ def collect_gradients(
         num_grads: ``m``, the number of gradients; a ``ValueError`` if ``data`` runs out first.
         batch_size: cut every batch into mini-batches of this many samples (a shorter remainder
             is skipped so all gradients average the same number of samples); ``None`` uses the
-            batches of ``data`` as they are.
+            batches of ``data`` as they are. A mini-batch of weight 0 under a ``mean`` loss (all
+            targets ``ignore_index``: its loss is 0/0) gives no gradient and is skipped.
         dtype, device: of the returned ``(m, d)`` tensor (default: those of the parameters).
 
     Example:
@@ -399,6 +401,7 @@ def collect_gradients(
     d = sum(p.numel() for p in tensors)
     G = torch.empty(num_grads, d, dtype=dtype, device=device)
     count = 0
+    normaliser = LossNormaliser(describe_loss(loss_fn), loss_fn, lambda x: x, strict=False)
     source = BatchSource(data, device=param_device)
     batches = source if batch_size is None else source.minibatches(batch_size)
     for batch in batches:
@@ -408,7 +411,10 @@ def collect_gradients(
             continue  # a short remainder: every gradient averages the same number of samples
         inputs, targets = batch.inputs, batch.targets
         with torch.enable_grad():
-            loss = loss_fn(call_model(model, inputs), targets)
+            outputs = call_model(model, inputs)
+            if _weighs_nothing(normaliser, inputs, outputs, targets):
+                continue  # every target ignored: a 0/0 loss, no gradient sample
+            loss = loss_fn(outputs, targets)
             if not isinstance(loss, Tensor) or loss.ndim != 0:
                 raise ValueError("loss_fn must return a scalar tensor; use reduction='mean' or 'sum'")
             if not bool(torch.isfinite(loss)):
@@ -420,3 +426,11 @@ def collect_gradients(
     if count < num_grads:
         raise ValueError(f"data yielded only {count} mini-batch gradients, but num_grads={num_grads}")
     return G
+
+
+def _weighs_nothing(normaliser: LossNormaliser, inputs: Any, outputs: Any, targets: Any) -> bool:
+    """Whether a batch's weight in a ``mean`` loss is 0 (all targets ignored): its loss is 0/0."""
+    if not isinstance(outputs, Tensor):
+        return False
+    norm = normaliser.of_outputs(inputs, outputs.detach(), targets)
+    return norm.reduction == "mean" and norm.value == 0

@@ -5,8 +5,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import logging
-import warnings
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
 import torch
@@ -14,15 +13,17 @@ from torch import Tensor, nn
 
 from ._kernels import differentiable_kernels
 from ._linalg import all_finite
-from ._state import BatchKey, ModelState, batch_key, capture_state, mode_dependent_modules, state_structure
 from .blocks import make_blocks
 from .compat import exact_weight_norm, unwrap_compiled
-from .data import Batch, BatchSource, batch_tensors, call_model
+from .data import Batch, BatchSource, EmptyDataError, call_model, split_batch
+from .graph_cache import DEFAULT_GRAPH_CACHE_BYTES, CacheEntry, GraphCache
+from .graph_cache import measure_saved_bytes as _measure_saved_bytes  # noqa: F401 - hessian.py imports it here
 from .linear_operator import LinearOperator
 from .losses import LossInfo, LossNormaliser, check_outputs, describe_loss
 from .outputs import OutputSelector, select_output
 from .params import ParamSpec, select_parameters
 from .precision import ComputeCopy
+from .train_mode import check_mode, preserved_buffers
 
 __all__ = ["ModelOperator", "DEFAULT_GRAPH_CACHE_BYTES"]
 
@@ -38,38 +39,6 @@ def _names_of(model: nn.Module, params: ParamSpec) -> ParamSpec:
     return items
 
 logger = logging.getLogger(__name__)
-
-#: Kept for code that imported it: the kernel switch is :func:`curvature._kernels.differentiable_kernels`.
-_differentiable_kernels = differentiable_kernels
-
-#: Default memory budget for cached graphs when the data has several batches.
-DEFAULT_GRAPH_CACHE_BYTES = 1 << 30
-
-
-def _measure_saved_bytes(build: Callable[[], Any], exclude: set[int]) -> tuple[Any, int]:
-    """Run ``build()`` and count the bytes of the distinct tensors its autograd graph saves,
-    leaving out storages in ``exclude`` (the model's own parameters and buffers)."""
-    seen: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        try:
-            storage = t.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-        except (RuntimeError, NotImplementedError):  # tensors without storage (functorch wrappers)
-            pass
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        value = build()
-    return value, sum(size for ptr, size in seen.items() if ptr not in exclude)
-
-
-@dataclass
-class _CacheEntry:
-    key: BatchKey
-    value: Any
-    nbytes: int
-
 
 class FlatParts(list):
     """A batch product's per-parameter ``(k, *shape)`` results as views of ONE ``(k, d)`` tensor
@@ -183,19 +152,25 @@ class ModelOperator(LinearOperator):
         # None: cache every graph of a single batch, and a data set's graphs up to the budget.
         self.cache_graph = True if (cache_graph is None and self._single_batch) else cache_graph
         self.graph_cache_bytes = int(graph_cache_bytes)
-        self._cache: dict[int, _CacheEntry] = {}
-        self._cache_bytes = 0
-        self._cache_state: ModelState | None = None  # the model state the cached graphs belong to
-        self._pass_keys: dict[int, BatchKey] = {}  # keys of the batches of the pass in progress
-        self._pass_seen: set[int] = set()
+        self._graphs = GraphCache(
+            self.model, mode=self.cache_graph, budget_bytes=self.graph_cache_bytes, by_content=not self._single_batch
+        )
         self._check_mode()
         # A lambda does not say whether it sums or averages: read it off the first batch.
         self._loss_normaliser.strict = not self._single_batch
         if self.loss_info.kind == "generic":
-            with self._preserved_buffers(), differentiable_kernels(), exact_weight_norm(self.model):
-                first = next(iter(self._source.data))
-                self.loss_info = self._loss_normaliser.resolve(first)
-            self._source.reduction = self.loss_info.reduction
+            self._resolve_generic_loss()
+
+    def _resolve_generic_loss(self) -> None:
+        """Read a loss the toolkit does not recognise (a lambda) off the first batch that shows
+        something: a batch of weight 0 (every target ignored) says nothing about the normaliser.
+        Empty data resolves nothing here; the products raise :class:`~curvature.data.EmptyDataError`."""
+        with self._preserved_buffers(), differentiable_kernels(), exact_weight_norm(self.model):
+            for raw in self._source.data:
+                self.loss_info = self._loss_normaliser.resolve(tuple(split_batch(raw)))
+                if not self._loss_normaliser.awaiting_batch:
+                    break
+        self._source.reduction = self.loss_info.reduction
 
     def _batch_normaliser(self) -> Callable[[Any, Any], float] | None:
         """The loss's own per-batch normaliser for :func:`curvature.data.batch_weight`
@@ -231,10 +206,8 @@ class ModelOperator(LinearOperator):
             from tqdm.auto import tqdm
 
             source = tqdm(source, desc=type(self).__name__, leave=False)
-        caching = self.cache_graph is not False
         for batch in source:
-            if caching:
-                self._pass_keys[batch.index] = batch_key(batch_tensors(batch.raw), by_content=not self._single_batch)
+            self._graphs.register(batch.index, batch.raw)
             yield batch
 
     def forward(self, inputs: Any) -> Any:
@@ -249,17 +222,20 @@ class ModelOperator(LinearOperator):
         check_outputs(self.loss_info, outputs, targets)
         return self._check_loss(self.loss_fn(outputs, targets), index)
 
-    # -- graph cache ----------------------------------------------------------------------------
+    # -- graph cache (curvature.graph_cache) ----------------------------------------------------
     def release(self) -> None:
         """Free the cached autograd graphs (a later product rebuilds them)."""
-        self._cache.clear()
-        self._cache_bytes = 0
-        self._cache_state = None
+        self._graphs.release()
 
     @property
     def cached_graph_bytes(self) -> int:
         """Bytes of tensors saved by the cached autograd graphs (an estimate of the memory they hold)."""
-        return self._cache_bytes
+        return self._graphs.nbytes
+
+    @property
+    def _cache(self) -> Mapping[int, CacheEntry]:
+        """The kept graphs by batch position (read-only; :class:`~curvature.graph_cache.GraphCache`)."""
+        return self._graphs.entries
 
     def __enter__(self) -> ModelOperator:
         return self
@@ -267,78 +243,21 @@ class ModelOperator(LinearOperator):
     def __exit__(self, *exc: Any) -> None:
         self.release()
 
-    def _drop(self, index: int) -> None:
-        entry = self._cache.pop(index, None)
-        if entry is not None:
-            self._cache_bytes -= entry.nbytes
-
     def _cached(self, index: int, build: Callable[[], Any]) -> Any:
-        """``build()`` for batch ``index`` of the pass in progress, kept while caching is on and the
-        budget allows; a kept graph is reused only for the very same batch (see the class docs).
-
-        Outside a product pass (no key registered for ``index``) nothing is cached."""
-        if self.cache_graph is False:
-            return build()
-        key = self._pass_keys.get(index)
-        if key is None:
-            return build()
-        entry = self._cache.get(index)
-        if entry is not None:
-            if entry.key.matches(key):
-                self._pass_seen.add(index)
-                return entry.value
-            self._drop(index)  # another batch at this position (a shuffling loader)
-        if self.cache_graph is None and self._cache_bytes >= self.graph_cache_bytes:
-            return build()
-        own = {t.untyped_storage().data_ptr() for t in (*self.model.parameters(), *self.model.buffers())}
-        value, size = _measure_saved_bytes(build, own)
-        self._cache[index] = _CacheEntry(key, value, size)
-        self._cache_bytes += size
-        self._pass_seen.add(index)
-        return value
+        """``build()`` for batch ``index`` of the pass in progress, through the graph cache."""
+        self._graphs.mode = self.cache_graph  # the attribute may be switched between products
+        return self._graphs.get_or_build(index, build)
 
     @contextlib.contextmanager
     def _product_pass(self) -> Iterator[None]:
-        """One pass of products over the data: invalidate stale graphs first; afterwards drop the
-        graphs of batches not met again and record the state the remaining graphs belong to."""
-        caching = self.cache_graph is not False
-        state = None
-        if caching:
-            state = capture_state(self.model)
-            if self._cache and not state.matches(self._cache_state):
-                logger.debug("%s: the model changed; rebuilding its cached graphs", type(self).__name__)
-                self.release()
-            self._pass_keys, self._pass_seen = {}, set()
-        completed = False
-        try:
-            with self._preserved_buffers():
-                yield
-            completed = True
-        finally:
-            if caching:
-                if completed:
-                    for index in [i for i in self._cache if i not in self._pass_seen]:
-                        self._drop(index)
-                self._pass_keys = {}
-                if self._cache and state is not None:
-                    # Our own train-mode forwards bump buffer versions (values restored): re-capture.
-                    same = state_structure(self.model) == state.structure
-                    self._cache_state = state if same else capture_state(self.model)
+        """One pass of products over the data (the graph cache's pass; buffers restored inside it)."""
+        self._graphs.mode = self.cache_graph
+        with self._graphs.product_pass(), self._preserved_buffers():
+            yield
 
     # -- checks -------------------------------------------------------------------------------
     def _check_mode(self) -> None:
-        offenders = mode_dependent_modules(self.model)
-        if not offenders:
-            return
-        listed = ", ".join(f"'{name}' ({kind})" for name, kind in offenders[:4])
-        message = (
-            f"the model is in train mode and modules that behave differently in train mode are in it: {listed}"
-            f"{', ...' if len(offenders) > 4 else ''}; curvature products would be random or not those of the "
-            "model you evaluate; call model.eval() first"
-        )
-        if not self.allow_train_mode:
-            raise RuntimeError(message + ", or pass allow_train_mode=True to analyse train mode deliberately")
-        warnings.warn(message + " (allow_train_mode=True: going ahead)", stacklevel=3)
+        check_mode(self.model, allow_train_mode=self.allow_train_mode, stacklevel=3)
 
     def _check_loss(self, loss: Any, index: int) -> Tensor:
         if not isinstance(loss, Tensor) or loss.ndim != 0:
@@ -381,8 +300,10 @@ class ModelOperator(LinearOperator):
             total: Tensor | None = None
             weights = 0.0
             for batch in self._pass_batches():
-                parts = self._batch_product(batch.index, batch.inputs, batch.targets, V_list)
                 weight = batch.weight
+                if mean and weight == 0:
+                    continue  # every target ignored: the batch is no part of the mean (its loss is 0/0)
+                parts = self._batch_product(batch.index, batch.inputs, batch.targets, V_list)
                 weights += weight
                 if first is None:  # kept unscaled: one batch needs no weighting at all
                     first = (parts, weight)
@@ -392,7 +313,11 @@ class ModelOperator(LinearOperator):
                     total.mul_(first[1])
                 for block, part in zip(self.blocks, parts):
                     total[:, block.slice].add_(part.reshape(k, -1), alpha=weight)
-            assert first is not None  # the batch source raises on empty data
+            if first is None:  # the batch source raises on no batches at all
+                raise EmptyDataError(
+                    f"{type(self).__name__}: every batch of the data has weight 0 (the loss's normaliser: e.g. "
+                    "all targets are ignore_index), so the mean loss over the data is undefined"
+                )
             if total is None:
                 total = self._flat(first[0], k)
             elif mean:
@@ -411,24 +336,16 @@ class ModelOperator(LinearOperator):
 
     def _raise_non_finite(self, V_list: list[Tensor]) -> None:
         for batch in self._pass_batches():
+            if self.loss_info.reduction == "mean" and batch.weight == 0:
+                continue
             parts = self._batch_product(batch.index, batch.inputs, batch.targets, V_list)
             if not all(torch.isfinite(p).all() for p in parts):
                 raise FloatingPointError(f"{type(self).__name__} product is not finite on batch {batch.index}")
         raise FloatingPointError(f"{type(self).__name__} product is not finite (it overflowed when summing batches)")
 
-    @contextlib.contextmanager
-    def _preserved_buffers(self) -> Iterator[None]:
+    def _preserved_buffers(self) -> contextlib.AbstractContextManager[None]:
         """Restore buffers (BatchNorm running statistics in train mode) after the products."""
-        saved = None
-        if self.allow_train_mode and any(m.training for m in self.model.modules()):
-            saved = {name: b.detach().clone() for name, b in self.model.named_buffers()}
-        try:
-            yield
-        finally:
-            if saved is not None:
-                with torch.no_grad():
-                    for name, b in self.model.named_buffers():
-                        b.copy_(saved[name])
+        return preserved_buffers(self.model, allow_train_mode=self.allow_train_mode)
 
     def __repr__(self) -> str:
         return (

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .data import map_tensors
 from .linear_operator import LinearOperator, as_operator
 
 __all__ = ["working_dtype", "in_working_precision", "ComputeCopy"]
@@ -64,13 +65,7 @@ def in_working_precision(op: Any) -> LinearOperator:
 
 
 def _cast_floating(obj: Any, dtype: torch.dtype) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.to(dtype) if obj.is_floating_point() else obj
-    if isinstance(obj, dict):
-        return {k: _cast_floating(v, dtype) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_cast_floating(v, dtype) for v in obj)
-    return obj
+    return map_tensors(lambda t: t.to(dtype) if t.is_floating_point() else t, obj)
 
 
 class ComputeCopy:

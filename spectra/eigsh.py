@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from curvature import as_operator, in_working_precision
-from curvature.checks import check_choice, check_count, check_tolerance, renamed_option
+from curvature.checks import check_choice, check_count, check_tolerance
 from curvature.probes import draw_probes, make_generator
 
 from ._utils import column_norm64, default_breakdown_tol, orthogonalize_, row_dot64, row_norm64
@@ -79,7 +79,6 @@ def eigsh(
     num_lanczos_vectors: int | None = None,
     v0: Tensor | None = None,
     generator: torch.Generator | None = None,
-    max_steps: int | None = None,
 ) -> EigenResult:
     """``k`` extreme eigenpairs of a symmetric operator by thick-restarted Lanczos.
 
@@ -112,7 +111,6 @@ def eigsh(
         v0: start vector ``(d,)``; default a Rademacher vector from ``generator``.
         generator: source of the start vector and of restart vectors after a breakdown
             (default: a fresh OS-seeded generator; the global RNG is never used).
-        max_steps: deprecated name of ``max_iter``.
 
     Returns:
         :class:`EigenResult` with eigenvalues ordered by ``which``.
@@ -129,10 +127,9 @@ def eigsh(
     k = check_count(k, name="k", dim=d)
     which = check_choice(which, name="which", choices=_WHICH)
     tol = check_tolerance(tol)
-    max_steps = renamed_option(max_iter, max_steps, new="max_iter", old="max_steps", where="eigsh")
     generator = make_generator(generator, device)
     m = _basis_size(num_lanczos_vectors, k, d)
-    max_steps = _step_cap(max_steps, m, k)
+    max_steps = _step_cap(max_iter, m, k)
     q = _start_vector(v0, d, dtype, device, generator)
     bd_tol = default_breakdown_tol(dtype)
 

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from curvature import Hessian, ModelOperator
+from curvature import EmptyDataError, Hessian, ModelOperator
 
 from .results import EigenResult
 
@@ -99,11 +99,15 @@ def dataset_loss(op: ModelOperator) -> Tensor:
     source = op.batch_source
     total: Tensor | None = None
     weight = 0.0
+    mean = source.reduction == "mean"
     for batch in source:
+        if mean and batch.weight == 0:
+            continue  # every target ignored: no part of the mean (its own loss is 0/0), as in the products
         term = op.loss(batch.inputs, batch.targets, batch.index) * batch.weight
         total = term if total is None else total + term
         weight += batch.weight
-    assert total is not None  # the batch source refuses empty data
+    if total is None:  # the batch source raises on no batches at all
+        raise EmptyDataError("every batch of the data has weight 0 (e.g. all targets are ignore_index)")
     return total / weight if source.reduction == "mean" else total
 
 

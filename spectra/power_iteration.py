@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ __all__ = ["power_iteration"]
 
 def power_iteration(
     op: Any,
-    *args: int,
+    *,
     k: int = 1,
     max_iter: int = 100,
     tol: float = 1e-3,
@@ -38,8 +37,7 @@ def power_iteration(
 
     Args:
         op: symmetric ``(d, d)`` operator.
-        k: number of eigenpairs, ``1 <= k <= d`` (keyword-only; passing it positionally is
-            deprecated).
+        k: number of eigenpairs, ``1 <= k <= d``.
         max_iter: products per eigenpair at most.
         tol: relative residual that stops the iteration.
         generator: source of the start vectors (default: a fresh OS-seeded generator).
@@ -54,12 +52,6 @@ def power_iteration(
         >>> round(res.eigenvalues.item(), 3), bool(res.converged)
         (5.0, True)
     """
-    if args:
-        if len(args) > 1:
-            raise TypeError("power_iteration takes the operator and keyword-only options")
-        warnings.warn("power_iteration: pass k= as a keyword (positional k is deprecated)", DeprecationWarning,
-                      stacklevel=2)
-        k = args[0]
     A = as_operator(op)
     d = A.shape[0]
     dtype, device = A.dtype, A.device

@@ -9,38 +9,12 @@ import torch
 from torch import Tensor
 
 from curvature import GGN, DenseOperator, EmpiricalFisher, Fisher, Hessian, LinearOperator, as_operator
+from curvature.probes import make_generator
 
 #: Curvature operators of a model: symmetric by construction.
 _MODEL_OPERATORS = (Hessian, GGN, Fisher, EmpiricalFisher)
 
 __all__: list[str] = []
-
-
-def fresh_generator(generator: torch.Generator | None) -> torch.Generator:
-    """``generator`` itself, or a new OS-seeded CPU generator (the global RNG is never used)."""
-    if generator is None:
-        g = torch.Generator()
-        g.seed()
-        return g
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    return generator
-
-
-def check_int(value: Any, name: str, *, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def check_positive_float(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value}")
-    return float(value)
 
 
 def symmetric_operator(op: Any, *, name: str = "op", generator: torch.Generator | None = None) -> LinearOperator:
@@ -66,7 +40,7 @@ def symmetric_operator(op: Any, *, name: str = "op", generator: torch.Generator 
                 f"{name} must be symmetric; max |A - Aᵀ| = {asym:.3g} relative to max |A| = {scale:.3g}"
             )
         return A
-    g = fresh_generator(generator)
+    g = make_generator(generator)
     d = A.shape[0]
     V = (torch.randint(0, 2, (d, 2), generator=g, dtype=torch.int8).to(A.dtype) * 2 - 1).to(A.device)
     AV = A @ V

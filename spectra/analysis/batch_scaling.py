@@ -19,12 +19,15 @@ from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from curvature import GGN, Hessian, LinearOperator
+from curvature import GGN, EmptyDataError, Hessian, LinearOperator, map_tensors
+from curvature.checks import check_count, check_positive_float
+from curvature.probes import make_generator
 
 from ..eigsh import eigsh
-from ._common import check_int, check_positive_float, fresh_generator, tolist
+from ._common import tolist
 
 __all__ = [
     "BatchScalingResult",
@@ -130,9 +133,13 @@ class ScalingFit:
 
 def _wls(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     X = np.stack([np.ones_like(x), x], axis=1)
-    XtW = X.T * w
-    cov = np.linalg.inv(XtW @ X)
-    beta = cov @ (XtW @ y)
+    # Least squares on sqrt(w)-scaled rows (not the normal equations' inverse): weights that span
+    # many decades (a nearly exact point) square the condition number there and none here.
+    top = float(w.max())
+    sw = np.sqrt(w / top)
+    A = X * sw[:, None]
+    beta = np.linalg.lstsq(A, y * sw, rcond=None)[0]
+    cov = np.linalg.pinv(A.T @ A) / top
     chi2 = float((w * (y - X @ beta) ** 2).sum())
     dof = max(1, x.size - 2)
     cov = cov * max(1.0, chi2 / dof)
@@ -327,35 +334,23 @@ class BatchScalingResult:
 
 
 # ----------------------------------------------------------------------------- computation
+def _tensors_only(x: Any) -> Any:
+    leaves = pytree.tree_leaves(x)
+    if not leaves or any(not isinstance(t, Tensor) for t in leaves):
+        raise TypeError(f"data must hold tensors (or tuples/dicts of tensors), got {type(x).__name__}")
+    return x
+
+
 def _index(x: Any, idx: Tensor) -> Any:
-    if isinstance(x, Tensor):
-        return x[idx.to(x.device)]
-    if isinstance(x, (tuple, list)):
-        return type(x)(_index(t, idx) for t in x)
-    if isinstance(x, dict):
-        return {k: _index(v, idx) for k, v in x.items()}
-    raise TypeError(f"data must hold tensors (or tuples/dicts of tensors), got {type(x).__name__}")
+    return map_tensors(lambda t: t[idx.to(t.device)], _tensors_only(x))
 
 
 def _num_samples(x: Any) -> int:
-    if isinstance(x, Tensor):
-        return int(x.shape[0])
-    if isinstance(x, (tuple, list)) and x:
-        return _num_samples(x[0])
-    if isinstance(x, dict) and x:
-        return _num_samples(next(iter(x.values())))
-    raise TypeError(f"data must hold tensors (or tuples/dicts of tensors), got {type(x).__name__}")
+    return int(pytree.tree_leaves(_tensors_only(x))[0].shape[0])
 
 
 def _cat(parts: list) -> Any:
-    first = parts[0]
-    if isinstance(first, Tensor):
-        return torch.cat(parts)
-    if isinstance(first, (tuple, list)):
-        return type(first)(_cat([p[i] for p in parts]) for i in range(len(first)))
-    if isinstance(first, dict):
-        return {k: _cat([p[k] for p in parts]) for k in first}
-    raise TypeError(f"data must hold tensors, got {type(first).__name__}")
+    return map_tensors(lambda *ts: torch.cat(ts), _tensors_only(parts[0]), *parts[1:])
 
 
 def _as_dataset(data: Any) -> tuple[Any, Any]:
@@ -415,18 +410,25 @@ def _extreme(
 
 def _gradient_moments(op: Any, model: nn.Module, loss_fn: Callable[..., Tensor], inputs: Any, targets: Any,
                       chunk: int = 256) -> tuple[Tensor, Tensor]:
-    """Mean gradient ``ḡ`` and mean squared per-sample gradient ``mean_i g_i²`` over the data.
+    """The data set's gradient ``ḡ`` and the per-sample second moment of a mini-batch gradient.
 
-    Per-sample gradients by ``torch.func.vmap(grad(...))`` over the selected parameters (those of
-    ``op``), in chunks; models that ``vmap`` cannot trace fall back to one backward per sample.
+    Samples are weighted as the operators weight batches (:meth:`curvature.BatchSource.batch_weight`
+    of each sample: its valid targets, summed class weights, ...): with ``z_i`` that weight and
+    ``u_i = z_i g_i`` the sample's unnormalised gradient, a batch's gradient is the ratio
+    ``Σ_B u_i / Σ_B z_i`` and ``ḡ = Σ u_i / Σ z_i``. Returned with ``ḡ`` is
+    ``mean_i ((u_i − ḡ z_i) / z̄)²`` (``z̄`` the mean weight), the variance of one sample's
+    contribution to the ratio to first order (Cochran, *Sampling Techniques*, 1977, §6.3); for
+    equal weights it is ``mean_i g_i² − ḡ²``. A sample of weight 0 (all targets ignored) adds
+    nothing. Per-sample gradients by ``torch.func.vmap(grad(...))`` over the selected parameters
+    (those of ``op``), in chunks; models that ``vmap`` cannot trace fall back to one backward per sample.
     """
     from torch.func import functional_call, grad, vmap
 
     names = list(op.param_names)
     params = {n: p.detach() for n, p in zip(names, op.params)}
     N = _num_samples(inputs)
-    total = torch.zeros(op.shape[0], dtype=torch.float64)
-    total_sq = torch.zeros(op.shape[0], dtype=torch.float64)
+    source = op.batch_source
+    rows_u, rows_z = [], []
 
     def one(p: dict, x: Any, t: Any) -> Tensor:
         out = functional_call(model, p, (_unsqueeze(x),))
@@ -436,34 +438,42 @@ def _gradient_moments(op: Any, model: nn.Module, loss_fn: Callable[..., Tensor],
     for start in range(0, N, chunk):
         idx = torch.arange(start, min(start + chunk, N))
         xb, tb = _index(inputs, idx), _index(targets, idx)
+        samples = [(_index(xb, torch.tensor([k])), _index(tb, torch.tensor([k]))) for k in range(idx.numel())]
+        z = torch.tensor([source.batch_weight(*sample) for sample in samples], dtype=torch.float64)
         try:
             G = per_sample(params, xb, tb)
             flat = torch.cat([G[n].reshape(idx.numel(), -1) for n in names], 1).double()
         except Exception:  # noqa: BLE001 - any untraceable model takes the slow, generic path
             rows = []
-            for k in range(idx.numel()):
-                loss = op.loss(_index(xb, torch.tensor([k])), _index(tb, torch.tensor([k])))
+            for (xk, tk), zk in zip(samples, z.tolist()):
+                if zk == 0:
+                    rows.append(torch.zeros(op.shape[0], dtype=torch.float64, device=op.device))
+                    continue
+                loss = op.loss(xk, tk)
                 rows.append(op.flatten(list(torch.autograd.grad(loss, op.params))).double())
             flat = torch.stack(rows)
-        total += flat.sum(0).cpu()
-        total_sq += flat.pow(2).sum(0).cpu()
-    return (total / N).to(op.device), (total_sq / N).to(op.device)
+        u = flat.cpu() * z[:, None]
+        u[z == 0] = 0.0  # the sample's own loss is 0/0: it is no part of any batch's mean
+        rows_u.append(u)
+        rows_z.append(z)
+    U, Z = torch.cat(rows_u), torch.cat(rows_z)
+    total_z = float(Z.sum())
+    if total_z == 0:
+        raise EmptyDataError("every sample of the data has weight 0 (e.g. all targets are ignore_index)")
+    mean = U.sum(0) / total_z
+    spread = ((U - Z[:, None] * mean) / (total_z / N)).pow(2).mean(0)
+    return mean.to(op.device), spread.to(op.device)
 
 
 def _unsqueeze(x: Any) -> Any:
-    if isinstance(x, Tensor):
-        return x.unsqueeze(0)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_unsqueeze(t) for t in x)
-    if isinstance(x, dict):
-        return {k: _unsqueeze(v) for k, v in x.items()}
-    return x
+    return map_tensors(lambda t: t.unsqueeze(0), x)
 
 
-def _expected_batch_second_moment(mean: Tensor, mean_sq: Tensor, B: int, N: int) -> Tensor:
-    """``E[g_B²]`` for a batch of ``B`` of ``N`` samples drawn without replacement."""
+def _expected_batch_second_moment(mean: Tensor, spread: Tensor, B: int, N: int) -> Tensor:
+    """``E[g_B²]`` for a batch of ``B`` of ``N`` samples drawn without replacement (``spread``:
+    the per-sample variance of :func:`_gradient_moments`)."""
     fpc = (N - B) / (N - 1) if N > 1 else 0.0
-    return mean.pow(2) + fpc * (mean_sq - mean.pow(2)).clamp_min(0) / B
+    return mean.pow(2) + fpc * spread / B
 
 
 def batch_size_scaling(
@@ -543,18 +553,18 @@ def batch_size_scaling(
     """
     if curvature not in _CURVATURES:
         raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
-    sizes = [check_int(b, "batch_sizes") for b in batch_sizes]
+    sizes = [check_count(b, name="batch_sizes") for b in batch_sizes]
     if len(sizes) < 3:
         raise ValueError(f"batch_sizes needs at least 3 sizes for a fit, got {len(sizes)}")
     if sorted(set(sizes)) != sizes:
         raise ValueError(f"batch_sizes must be strictly increasing, got {tuple(batch_sizes)}")
-    R = check_int(num_batches, "num_batches", minimum=2)
-    num_steps = check_int(num_steps, "num_steps", minimum=2)
-    max_iter = check_int(max_iter, "max_iter")
-    tol = check_positive_float(tol, "tol")
-    tol_min = check_positive_float(tol_min, "tol_min")
-    adam_eps = check_positive_float(adam_eps, "adam_eps")
-    g = fresh_generator(generator)
+    R = check_count(num_batches, name="num_batches", minimum=2)
+    num_steps = check_count(num_steps, name="num_steps", minimum=2)
+    max_iter = check_count(max_iter, name="max_iter")
+    tol = check_positive_float(tol, name="tol")
+    tol_min = check_positive_float(tol_min, name="tol_min")
+    adam_eps = check_positive_float(adam_eps, name="adam_eps")
+    g = make_generator(generator)
     inputs, targets = _as_dataset(data)
     N = _num_samples(inputs)
     if _num_samples(targets) != N:
@@ -589,7 +599,7 @@ def batch_size_scaling(
         scales = None
         if adam:
             v_hat = _expected_batch_second_moment(*moments, B, N)
-            if getattr(loss_fn, "reduction", "mean") == "sum":
+            if probe.loss_info.reduction == "sum":
                 v_hat = v_hat * B**2  # a summed batch loss has B times the mean's gradient
             scales = (v_hat.sqrt() + adam_eps).rsqrt()
         for j, r in enumerate(idx):
@@ -623,7 +633,9 @@ def batch_size_scaling(
 
     v = lam_max.numpy()
     means = v.mean(1)
-    se = v.std(1, ddof=1) / math.sqrt(R)
+    # A mean is never known better than the eigensolver's tolerance: at B = N every batch is the
+    # whole data set and the spread is rounding noise, whose 1/se² weight would swamp the fit.
+    se = np.maximum(v.std(1, ddof=1) / math.sqrt(R), tol * np.abs(means))
     fit = fit_batch_scaling(sizes, means, se, law="L1")
     fit_edge = fit_batch_scaling(sizes, means, se, law="L3") if (means > 0).all() else fit
     law = "L3" if fit_edge.law == "L3" and fit_edge.chi2 < fit.chi2 else "L1"

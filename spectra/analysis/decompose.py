@@ -17,9 +17,11 @@ from torch import Tensor, nn
 
 import estimators
 from curvature import GGN, Hessian, LinearOperator, as_operator
+from curvature.checks import check_count
+from curvature.probes import make_generator
 
 from ..eigsh import eigsh
-from ._common import check_int, fresh_generator, tolist
+from ._common import tolist
 
 __all__ = ["Decomposition", "DifferenceOperator", "ResidualOperator", "TermSpectrum", "decompose"]
 
@@ -234,12 +236,12 @@ def decompose(
         >>> [t.name for t in dec.terms], dec.top_split.shape
         (['H', 'G', 'R'], torch.Size([2, 2]))
     """
-    g = fresh_generator(generator)
+    g = make_generator(generator)
     H = Hessian(model, loss_fn, data, **operator_options)
     G = GGN(model, loss_fn, data, **operator_options)
     R = ResidualOperator(H, G)
     d = H.shape[0]
-    k = min(check_int(k, "k"), d)
+    k = min(check_count(k, name="k"), d)
     before = H.num_matvecs + G.num_matvecs
     terms = []
     vectors: dict[str, Tensor] = {}

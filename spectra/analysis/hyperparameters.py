@@ -26,10 +26,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from curvature.checks import check_count, check_positive_float
+from curvature.probes import make_generator
+
 from ..density import SpectralDensity
 from ..eigsh import eigsh
 from ..lanczos import lanczos
-from ._common import check_int, check_positive_float, fresh_generator, symmetric_operator, tolist
+from ._common import symmetric_operator, tolist
 
 __all__ = ["HyperparameterSuggestion", "heavy_ball", "suggest_hyperparameters"]
 
@@ -46,8 +49,8 @@ def heavy_ball(L: float, mu: float) -> tuple[float, float]:
         >>> round(a, 6), round(r, 6)
         (3.305785, 0.669421)
     """
-    L = check_positive_float(L, "L")
-    mu = check_positive_float(mu, "mu")
+    L = check_positive_float(L, name="L")
+    mu = check_positive_float(mu, name="mu")
     if mu > L:
         raise ValueError(f"mu={mu} must not exceed L={L}")
     sL, smu = math.sqrt(L), math.sqrt(mu)
@@ -97,7 +100,7 @@ class HyperparameterSuggestion:
         """A damping recommendation ``constant·α/B`` for stochastic second-order or adaptive
         methods (Granziol et al.: the minimal damping scales as ``lr/B``; the constant is the
         user's)."""
-        batch_size = check_int(batch_size, "batch_size")
+        batch_size = check_count(batch_size, name="batch_size")
         return constant * self.learning_rate / batch_size
 
     def to_dict(self) -> dict:
@@ -189,13 +192,13 @@ def suggest_hyperparameters(
         raise ValueError(f"mu_rule must be one of {_MU_RULES} or a callable, got {mu_rule!r}")
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile must be in (0, 1), got {quantile}")
-    safety = check_positive_float(safety, "safety")
+    safety = check_positive_float(safety, name="safety")
     if safety > 1.0:
         raise ValueError(f"safety must be in (0, 1], got {safety}")
     if not 0.0 <= momentum_max < 1.0:
         raise ValueError(f"momentum_max must be in [0, 1), got {momentum_max}")
-    num_steps = check_int(num_steps, "num_steps", minimum=2)
-    g = fresh_generator(generator)
+    num_steps = check_count(num_steps, name="num_steps", minimum=2)
+    g = make_generator(generator)
     matvecs = 0
     op = None
     if isinstance(op_or_density, SpectralDensity):

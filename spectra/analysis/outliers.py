@@ -19,15 +19,14 @@ import torch
 from torch import Tensor
 
 import estimators
+from curvature.checks import check_count, check_positive_float
+from curvature.probes import make_generator
 
 from ..density import SpectralDensity
 from ..lanczos import LanczosResult, lanczos
 from ..results import EigenResult
 from ._common import (
     as_numpy,
-    check_int,
-    check_positive_float,
-    fresh_generator,
     symmetric_operator,
     tolist,
 )
@@ -91,7 +90,7 @@ def log_gap_rule(eigenvalues: Any, *, z: float = 20.0) -> GapRule:
         3
     """
     theta = as_numpy(eigenvalues).ravel()
-    z = check_positive_float(z, "z")
+    z = check_positive_float(z, name="z")
     if theta.size < 4:
         raise ValueError(f"eigenvalues must hold at least 4 values for a gap rule, got {theta.size}")
     if not np.all(theta > 0):
@@ -315,15 +314,15 @@ def outliers(
         >>> rep.count, round(rep.bulk_edge, 6), rep.conclusive
         (3, 2.0, True)
     """
-    z = check_positive_float(z, "z")
-    residual_tol = check_positive_float(residual_tol, "residual_tol")
-    trace_matvecs = check_int(trace_matvecs, "trace_matvecs")
+    z = check_positive_float(z, name="z")
+    residual_tol = check_positive_float(residual_tol, name="residual_tol")
+    trace_matvecs = check_count(trace_matvecs, name="trace_matvecs")
     if num_classes is not None:
-        num_classes = check_int(num_classes, "num_classes", minimum=2)
+        num_classes = check_count(num_classes, name="num_classes", minimum=2)
     if k is None:
         k = max(2 * num_classes + 10, 40) if num_classes is not None else 40
-    k = check_int(k, "k", minimum=5)
-    g = fresh_generator(generator)
+    k = check_count(k, name="k", minimum=5)
+    g = make_generator(generator)
 
     density: SpectralDensity | None = None
     op = None
@@ -480,8 +479,8 @@ def _from_operator(
     generator: torch.Generator,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, SpectralDensity, int, int]:
     d = op.shape[0]
-    m = min(d, check_int(num_steps, "num_steps", minimum=2) if num_steps is not None else max(150, 4 * k))
-    cap = min(d, check_int(max_steps, "max_steps", minimum=2) if max_steps is not None else 8 * m)
+    m = min(d, check_count(num_steps, name="num_steps", minimum=2) if num_steps is not None else max(150, 4 * k))
+    cap = min(d, check_count(max_steps, name="max_steps", minimum=2) if max_steps is not None else 8 * m)
     matvecs = 0
     while True:
         res = lanczos(op, num_steps=m, num_probes=1, generator=generator, return_basis=True)

@@ -197,3 +197,22 @@ def test_sophia_and_adahessian_agree_across_ranks_and_with_one_process(ranks):
         tol = 1e-12 if key.endswith("_operator") else 1e-5
         for got, want in zip(first[key], expected):
             _close(got, want, tol)
+
+
+def test_padded_and_empty_shards_weigh_zero_and_all_empty_is_named():
+    """Issue 21: a rank whose shard is only padding, or empty, contributes 0; no rank dies."""
+    from tests import cases
+    from tests.curvature.reference import dense_ggn, dense_hessian
+
+    run = run_ranks(workers.padded_shards, 3, timeout=120)
+    assert run.exitcodes == [0, 0, 0], run
+    p = cases.problem("mlp", "ce_ignore_index", "fully_padded")
+    names = [n for n, _ in p.model.named_parameters()]
+    V = workers.probe_block(sum(q.numel() for q in p.model.parameters()))
+    want = {"hessian": dense_hessian(p.model, p.loss_fn, p.batches, names) @ V,
+            "ggn_lambda": dense_ggn(p.model, p.loss_fn, p.batches, names) @ V}
+    for result in run.results:
+        for key, value in want.items():
+            assert isinstance(result[key], torch.Tensor), result[key]
+            _close(result[key], value, 1e-10)
+        assert result["all_padded"]["type"] == "EmptyDataError", result["all_padded"]

@@ -204,3 +204,31 @@ def _mfac_under_ddp(rank: int, world_size: int) -> dict[str, Any]:
     outcome = _outcome(lambda: assert_same_across_ranks([state["mfac_window"]], name="the M-FAC window"))
     return {"window": state["mfac_window"].clone(), "params": [p.detach().clone() for p in model.parameters()],
             "perturbed": outcome}
+
+
+def padded_shards(rank: int, world_size: int, save: Callable[[dict], None]) -> dict[str, Any]:
+    """Issue 21: rank 1's shard is only padding (weight 0), rank 2's is empty; a lambda loss and a
+    module loss; then data that weigh 0 on every rank (a named error on every rank)."""
+    import torch.nn.functional as F
+
+    from curvature import GGN, DataParallelOperator, Hessian
+    from tests import cases
+
+    p = cases.problem("mlp", "ce_ignore_index", "fully_padded")
+    shards = [[p.batches[0], p.batches[2]], [p.batches[1]], []]
+    lam = lambda o, t: F.cross_entropy(o, t, ignore_index=cases.IGNORE)  # noqa: E731
+    V = probe_block(sum(q.numel() for q in p.model.parameters()))
+    out: dict[str, Any] = {}
+    for name, Op, loss in (("hessian", Hessian, p.loss_fn), ("ggn_lambda", GGN, lam)):
+        out[name] = _outcome_value(lambda Op=Op, loss=loss: DataParallelOperator(Op(p.model, loss, shards[rank])) @ V)
+    out["all_padded"] = _outcome(
+        lambda: DataParallelOperator(Hessian(p.model, p.loss_fn, [p.batches[1]] if rank else [])) @ V
+    )
+    return out
+
+
+def _outcome_value(call: Callable[[], Any]) -> Any:
+    try:
+        return call()
+    except Exception as exc:  # noqa: BLE001 -- the test shows what every rank raised
+        return f"{type(exc).__name__}: {exc}"

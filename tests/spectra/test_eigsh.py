@@ -150,10 +150,10 @@ def test_bad_input():
         spectra.eigsh(A, k=3, num_lanczos_vectors=3)
     with pytest.raises(ValueError, match="max_iter"):
         spectra.eigsh(A, k=3, max_iter=2)
-    with pytest.warns(DeprecationWarning, match="max_steps= is deprecated"):
-        spectra.eigsh(A, k=1, max_steps=200, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(TypeError, match="max_iter= only"):
-        spectra.eigsh(A, k=1, max_iter=200, max_steps=200)
+    with pytest.raises(TypeError, match="max_steps"):  # the pre-0.2 name is gone (CHANGELOG)
+        spectra.eigsh(A, k=1, max_steps=200)
+    with pytest.raises(TypeError):  # k is keyword-only
+        spectra.power_iteration(A, 2)
     with pytest.raises(ValueError, match="k=11 exceeds"):
         spectra.power_iteration(A, k=11)
 
