@@ -10,7 +10,12 @@ import torch
 from torch import Tensor, nn
 
 from .backends import BackendSelector, SelectsBackend
-from .finite_difference import NoDoubleBackwardError, central_difference_products, lacks_double_backward
+from .finite_difference import (
+    NoDoubleBackwardError,
+    central_difference_products,
+    check_double_backward,
+    lacks_double_backward,
+)
 from .functional import with_parameters
 from .model_operator import FlatParts, ModelOperator, _measure_saved_bytes
 
@@ -129,6 +134,7 @@ class Hessian(SelectsBackend, ModelOperator):
         def build() -> list[Tensor]:
             with torch.enable_grad():
                 loss = self.loss(inputs, targets, index)
+                check_double_backward(loss, "Hessian")
                 return list(
                     torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True, materialize_grads=True)
                 )

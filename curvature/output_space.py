@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .backends import BackendSelector, SelectsBackend
-from .finite_difference import NoDoubleBackwardError, lacks_double_backward
+from .finite_difference import NoDoubleBackwardError, check_double_backward, lacks_double_backward
 from .losses import OutputCurvature, check_outputs
 from .model_operator import ModelOperator
 
@@ -110,6 +110,8 @@ class OutputSpaceOperator(SelectsBackend, ModelOperator):
                         f"the model must return one tensor for {type(self).__name__}, got {type(outputs).__name__}"
                     )
                 curvature = self._curvature(inputs, outputs, targets, index)
+                if outputs.requires_grad:
+                    check_double_backward(outputs, type(self).__name__)
                 if not outputs.requires_grad:
                     return _Linearization(outputs, curvature, None, [], [])
                 dummy = torch.zeros_like(outputs, requires_grad=True)
@@ -185,7 +187,7 @@ class OutputSpaceOperator(SelectsBackend, ModelOperator):
 
             return self._selector.product(key, self.device, V, run, bytes_per_column, first_batch=index == 0)
         except (RuntimeError, NotImplementedError) as exc:
-            if lacks_double_backward(exc):
+            if lacks_double_backward(exc) and not isinstance(exc, NoDoubleBackwardError):
                 raise NoDoubleBackwardError(
                     f"{type(self).__name__} needs a backward of the model's backward (J V by a double vjp), and the "
                     f"model has an operation without one ({exc}); Hessian(..., backend='finite_difference') "
