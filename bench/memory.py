@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-JOBS = ("baseline", "pyhessian", "auto", "double_backward", "double_backward_vmap", "forward_over_reverse")
+JOBS = ("baseline", "pyhessian", "auto", "loop", "vmap", "forward_over_reverse")
 
 
 def _peak_rss_bytes() -> int:
@@ -59,7 +59,7 @@ def run_job(job: str, batch: int, probes: int) -> dict:
         with Hessian(model, loss_fn, (x, y), backend=backend) as H:
             estimate = estimators.trace(H, num_matvecs=probes, generator=torch.Generator().manual_seed(0))
             value = float(estimate.value)
-            choice = H.backend_choice(probes) if hasattr(H, "backend_choice") else None
+            choice = H.backend_choice(probes)
         if choice is not None:
             return {
                 "job": job, "peak_rss_gib": _peak_rss_bytes() / 2**30, "seconds": time.perf_counter() - start,

@@ -129,3 +129,15 @@ def test_forward_over_reverse_goes_through_the_compute_dtype_cast():
     for backend in ("forward_over_reverse", "finite_difference"):
         H = Hessian(model, p.loss_fn, batches, compute_dtype=f64, backend=backend)
         assert rel_err(H @ V, exact) < (1e-12 if backend == "forward_over_reverse" else FD_TOL)
+
+
+def test_finite_difference_in_train_mode_restores_the_buffers():
+    p = problem("batchnorm_train", "ce", "uneven")
+    before = {k: v.clone() for k, v in p.model.state_dict().items()}
+    V = torch.randn(sum(t.numel() for t in p.model.parameters()), 3, generator=torch.Generator().manual_seed(4),
+                    dtype=f64)
+    with pytest.warns(UserWarning, match="train mode"):
+        fd = Hessian(p.model, p.loss_fn, p.batches, backend="finite_difference", allow_train_mode=True) @ V
+        exact = Hessian(p.model, p.loss_fn, p.batches, backend="loop", allow_train_mode=True) @ V
+    assert rel_err(fd, exact) < FD_TOL
+    assert all(torch.equal(before[k], v) for k, v in p.model.state_dict().items())
