@@ -61,7 +61,7 @@ class Hessian(SelectsBackend, ModelOperator):
             (bitwise, on the CPU; on CUDA also set ``torch.use_deterministic_algorithms``).
         memory_budget: bytes the columns of a vmapped pass may take; ``None``: measured when
             needed, :func:`curvature._memory.default_memory_budget` (a quarter of the free memory
-            on CUDA; on the CPU 20% of the process's resident memory, at least 64 MiB). The
+            on CUDA; on the CPU 10% of the process's resident memory, at least 64 MiB). The
             memory per column is estimated from the bytes the batch's first-order graph saves
             (measured on CUDA during the trials); with ``probe_batch_size=None`` a vmapped pass
             takes ``memory_budget // bytes_per_column`` columns at a time, and an out-of-memory

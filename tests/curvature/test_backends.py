@@ -172,3 +172,15 @@ def test_deterministic_is_the_fixed_rule_for_every_operator(clean_choices):
         assert torch.equal(first, Op(model, loss_fn, batches, deterministic=True) @ V)
         assert op.backend_choice(5).reason == "deterministic=True"
     assert not backends.choices()
+
+
+def test_cpu_budget_keeps_a_trace_within_1_2x_of_one_column_at_a_time():
+    """Issue 21: batched columns may add at most 10% to the process's memory (the allocator's
+    run-to-run noise, ~5%, must still fit under 1.2x)."""
+    from curvature._memory import CPU_FLOOR, default_memory_budget, used_memory
+
+    ballast = torch.ones(400 << 20, dtype=torch.uint8)  # a process well above the 64 MiB floor's range
+    used = used_memory("cpu")
+    budget = default_memory_budget("cpu")
+    del ballast
+    assert budget <= max(CPU_FLOOR, 0.1 * used * 1.05) and budget >= min(CPU_FLOOR, 0.1 * used)
