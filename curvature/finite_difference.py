@@ -87,7 +87,8 @@ def once_differentiable_functions(output: Tensor) -> list[str]:
         cls = getattr(node, "_forward_cls", None)
         backward = getattr(cls, "backward", None)
         code = getattr(backward, "__code__", None)
-        if code is not None and hasattr(backward, "__wrapped__") and code.co_filename == _FUNCTION_FILE:
+        once = code is not None and hasattr(backward, "__wrapped__") and code.co_filename == _FUNCTION_FILE
+        if cls is not None and once:
             found.append(cls.__name__)
         stack.extend(f for f, _ in node.next_functions)
     return sorted(set(found))

@@ -172,7 +172,7 @@ class Hessian(SelectsBackend, ModelOperator):
         backend = choice.backend if choice is not None else None
         if backend in (None, "vmap"):
             grads = self._measured_gradient_graph(index, inputs, targets)
-        elif backend == "forward_over_reverse":
+        elif backend == "forward_over_reverse" and choice is not None:
             if not self._graph_bytes and choice.columns is None and self.probe_batch_size is None:
                 self._estimate_graph_bytes(index, inputs, targets)
 
