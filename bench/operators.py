@@ -33,7 +33,7 @@ from torch import nn
 
 from bench.models import CASES, make_cnn, num_params, split_batches
 from bench.timing import environment, print_table, round_robin, write_json
-from curvature import GGN, Hessian, backend_choice
+from curvature import GGN, Hessian, backends
 
 log = logging.getLogger("bench.operators")
 
@@ -129,10 +129,9 @@ def products_case(name, num_batches, *, rounds, device, k=16):
     if "pyhessian" in peer_ops:
         single["pyhessian_Hv"] = lambda: peer_ops["pyhessian"](v_list)
     med = round_robin(single, rounds=rounds, device=device)
-    block_ops = {b: Hessian(model, loss_fn, op_data, cache_graph=False, backend=b) for b in ("double_backward",
-                                                                                             "double_backward_vmap")}
+    block_ops = {b: Hessian(model, loss_fn, op_data, cache_graph=False, backend=b) for b in ("loop", "vmap")}
     blocks = {f"HV16_{b}": (lambda op=op: op @ V) for b, op in block_ops.items()}
-    backend_choice.clear()
+    backends.clear()
     auto = Hessian(model, loss_fn, op_data, cache_graph=False)
     blocks["HV16_auto"] = lambda: auto @ V
     med.update(round_robin(blocks, rounds=max(3, rounds // 2), device=device))
@@ -140,7 +139,7 @@ def products_case(name, num_batches, *, rounds, device, k=16):
     row = {"model": name, "batches": num_batches, "d": d, "grad_ms": 1e3 * t_grad}
     row.update({key: value / t_grad for key, value in med.items()})
     row["Hv_vs_best_hand"] = med["ours_Hv"] / min(med["hand_RoR"], med["hand_FoR"])
-    row["auto_backend"] = auto.resolved_backend(k)
+    row["auto_backend"] = auto.backend_choice(k).backend
     row["HV16_speedup"] = 16 * med["ours_Hv"] / med["HV16_auto"]
     return row
 
@@ -186,11 +185,12 @@ def auto_case(*, repeats, rounds, device, k=16, batch=128):
     loss_fn = nn.CrossEntropyLoss()
     V = torch.randn(num_params(model), k, generator=torch.Generator().manual_seed(2)).to(device)
     strategies = {
-        b: Hessian(model, loss_fn, (x, y), backend=b, memory_budget=1 << 34) for b in backend_choice.STRATEGIES
+        b: Hessian(model, loss_fn, (x, y), backend=b, memory_budget=1 << 34)
+        for b in ("loop", "vmap", "forward_over_reverse")
     }
     rows = []
     for r in range(repeats):
-        backend_choice.clear()
+        backends.clear()
         H = Hessian(model, loss_fn, (x, y))
         H @ V
         choice = H.backend_choice(k)
@@ -234,7 +234,7 @@ def main(argv=None):
                 print_table(rows[-1:], list(rows[-1]))
         columns = [
             "model", "batches", "grad_ms", "ours_Hv", "hand_RoR", "hand_FoR", "Hv_vs_best_hand", "pyhessian_Hv",
-            "curvlinops_Hv", "ours_cached_Hv", "HV16_double_backward", "HV16_double_backward_vmap", "HV16_auto",
+            "curvlinops_Hv", "ours_cached_Hv", "HV16_loop", "HV16_vmap", "HV16_auto",
             "auto_backend", "HV16_speedup", "ours_GGNv",
         ]
         print()

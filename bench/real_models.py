@@ -150,7 +150,7 @@ def _bench_one(label: str, model: nn.Module, inputs: Any, targets: Any, loss_fn:
         "hessian/func_db": medians["hessian"] / medians["func_double_backward"],
         "hessian/autograd_loop": medians["hessian"] / medians["autograd_loop"],
         "ggn/hessian": medians["ggn"] / medians["hessian"],
-        "hessian_backend": H.resolved_backend(k), "ggn_backend": G.resolved_backend(k),
+        "hessian_backend": H.backend_choice(k).backend, "ggn_backend": G.backend_choice(k).backend,
     }
 
 

@@ -4,6 +4,7 @@ Operators (``Hessian``, ``GGN``, ``Fisher``, ``EmpiricalFisher``) act on flat pa
 vectors ``(d,)`` or blocks ``(d, k)`` with ``@``; see :class:`LinearOperator`.
 """
 
+from . import backends
 from .blocks import Block, group_blocks_by_module, make_blocks
 from .data import Batch, BatchSource, EmptyDataError, batch_weight, call_model, map_tensors
 from .distributed import (
@@ -13,6 +14,7 @@ from .distributed import (
     unwrap_data_parallel,
 )
 from .empirical_fisher import EmpiricalFisher
+from .finite_difference import NoDoubleBackwardError
 from .fisher import Fisher
 from .ggn import GGN
 from .hessian import Hessian
@@ -46,6 +48,8 @@ __all__ = [
     "MINRESInverse",
     "NegativeCurvatureError",
     "SolveProgress",
+    "NoDoubleBackwardError",
+    "backends",
     "MFACInverse",
     "SlidingMFACInverse",
     "collect_gradients",

@@ -7,30 +7,43 @@ from typing import Any, Callable, Sequence
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .data import call_model
-
-__all__ = ["model_as_function"]
+__all__ = ["with_parameters"]
 
 
-def model_as_function(model: nn.Module, names: Sequence[str], inputs: Any) -> Callable[..., Any]:
-    """Return ``f(*params) -> model(inputs)`` with the named parameters replaced by ``params``.
+class _Calling(nn.Module):
+    """Holds ``model`` as a submodule so ``functional_call`` can swap its parameters around ``fn()``."""
 
-    Parameters not in ``names`` and buffers keep their current values (detached).
+    def __init__(self, model: nn.Module, fn: Callable[[], Any]):
+        super().__init__()
+        self.inner = model
+        self.fn = fn
+
+    def forward(self) -> Any:
+        return self.fn()
+
+
+def with_parameters(model: nn.Module, names: Sequence[str], fn: Callable[[], Any]) -> Callable[..., Any]:
+    """Return ``f(*params) -> fn()`` evaluated with ``model``'s named parameters replaced by ``params``.
+
+    ``fn`` calls the model however its caller does (an operator's one forward path, with its
+    input casts and output selection); parameters not in ``names`` and buffers keep their
+    current values (detached), so ``torch.func`` transforms see only ``params``.
 
     Example:
         >>> import torch
         >>> m = nn.Linear(2, 1)
-        >>> f = model_as_function(m, ["weight"], torch.ones(1, 2))
+        >>> f = with_parameters(m, ["weight"], lambda: m(torch.ones(1, 2)))
         >>> f(torch.zeros(1, 2)).item() == m.bias.item()
         True
     """
     names = list(names)
     selected = set(names)
-    rest = {n: p.detach() for n, p in model.named_parameters() if n not in selected}
-    rest.update({n: b for n, b in model.named_buffers()})
+    rest = {f"inner.{n}": p.detach() for n, p in model.named_parameters() if n not in selected}
+    rest.update({f"inner.{n}": b for n, b in model.named_buffers()})
+    calling = _Calling(model, fn)
+    keys = [f"inner.{n}" for n in names]
 
     def f(*params: Tensor) -> Any:
-        values = {**rest, **dict(zip(names, params))}
-        return call_model(lambda *args, **kwargs: functional_call(model, values, args, kwargs, strict=False), inputs)
+        return functional_call(calling, {**rest, **dict(zip(keys, params))}, (), strict=False)
 
     return f

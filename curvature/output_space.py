@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import abc
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
+from .backends import BackendSelector, SelectsBackend
+from .finite_difference import NoDoubleBackwardError, check_double_backward, lacks_double_backward
 from .losses import OutputCurvature, check_outputs
 from .model_operator import ModelOperator
 
-__all__ = ["OutputSpaceOperator", "JACOBIAN_BACKENDS"]
+__all__ = ["OutputSpaceOperator"]
 
 logger = logging.getLogger(__name__)
-
-#: ``"vmap"``: all columns of a block in one batched backward (``is_grads_batched``); ``"loop"``:
-#: one backward per column; ``"auto"``: the faster of the two, timed once per operator.
-JACOBIAN_BACKENDS = ("auto", "vmap", "loop")
-
-#: Columns the ``"auto"`` backend times each strategy on (once per operator).
-AUTOTUNE_COLUMNS = 8
-
 
 @dataclass
 class _Linearization:
@@ -38,12 +31,7 @@ class _Linearization:
     live: list[int]
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class OutputSpaceOperator(ModelOperator):
+class OutputSpaceOperator(SelectsBackend, ModelOperator):
     """Base of GGN, Fisher and empirical Fisher: ``sum_b w_b J_b^T M_b J_b``.
 
     Per data batch: one forward with graph and one create-graph backward ``J^T w`` of a dummy
@@ -56,18 +44,24 @@ class OutputSpaceOperator(ModelOperator):
     ``F.dropout`` work (one forward, one mask, per product), and no ``torch.func`` transform
     captures the model's buffers.
 
-    ``backend``: ``"vmap"`` (all columns of a block in one batched backward), ``"loop"`` (one
-    backward per column) or ``"auto"`` (default): single columns use ``"loop"``; on the first
-    block of several columns both are timed on its first 8 columns and the faster is kept for
-    the operator (:meth:`resolved_backend` tells which). Both compute the same products up to
-    rounding, and every product of an operator (the first included) uses its one choice;
-    ``deterministic=True`` skips the timing and always uses ``"loop"``, so runs are bitwise
-    reproducible.
+    ``backend``: ``"loop"`` (one backward per column), ``"vmap"`` (the columns of a block in one
+    batched backward) or ``"auto"`` (default), chosen by the one policy of all operators
+    (:mod:`curvature.backends`): single columns and ``deterministic=True`` use ``"loop"`` (bitwise
+    reproducible); otherwise both are timed in interleaved rounds on the first block's first 8
+    columns and ``"vmap"`` is kept only when its median beats the loop's by more than 10%. The
+    choice is recorded per (operator, model structure, device, ``k``): read it with
+    :meth:`backend_choice`, pin it with :func:`curvature.backends.pin`. Both compute the same
+    products up to rounding.
 
     Memory: a cached batch holds its forward graph and the graph of ``J^T w`` (about the
     create-graph backward the Hessian keeps); ``"vmap"`` adds one output-sized tangent and one
-    set of parameter-sized cotangents per column of a block (bound it with ``probe_batch_size``).
+    set of parameter-sized cotangents per column of a block: at most ``memory_budget`` bytes of
+    them per pass (``None``: :func:`curvature._memory.default_memory_budget`), or
+    ``probe_batch_size`` columns when set.
     """
+
+    #: The backends this operator implements (see :mod:`curvature.backends`).
+    backends = ("loop", "vmap")
 
     def __init__(
         self,
@@ -77,22 +71,25 @@ class OutputSpaceOperator(ModelOperator):
         *,
         backend: str = "auto",
         deterministic: bool = False,
+        memory_budget: int | None = None,
         **options: Any,
     ):
-        if backend not in JACOBIAN_BACKENDS:
-            raise ValueError(f"backend must be one of {JACOBIAN_BACKENDS}, got {backend!r}")
+        selector = BackendSelector(
+            type(self).__name__, self.backends, backend=backend, deterministic=deterministic,
+            memory_budget=memory_budget, probe_batch_size=options.get("probe_batch_size"),
+        )
         super().__init__(model, loss_fn, data, **options)
-        self.backend = backend
-        self.deterministic = bool(deterministic)
-        self._auto_choice: str | None = "loop" if (self.deterministic and backend == "auto") else None
+        self._selector = selector
+        self._selector.probe_batch_size = self.probe_batch_size
 
-    def resolved_backend(self, k: int) -> str | None:
-        """The backend used for a block of ``k`` columns (``None``: ``"auto"`` has not chosen yet)."""
-        if self.backend != "auto":
-            return self.backend
-        if k == 1:
-            return "loop"
-        return self._auto_choice
+    @property
+    def backend(self) -> str:
+        """The ``backend=`` option (``"auto"`` or a backend name)."""
+        return self._selector.backend
+
+    @property
+    def deterministic(self) -> bool:
+        return self._selector.deterministic
 
     @abc.abstractmethod
     def _output_product(self, index: int, curvature: OutputCurvature, U: Tensor) -> Tensor:
@@ -113,6 +110,8 @@ class OutputSpaceOperator(ModelOperator):
                         f"the model must return one tensor for {type(self).__name__}, got {type(outputs).__name__}"
                     )
                 curvature = self._curvature(inputs, outputs, targets, index)
+                if outputs.requires_grad:
+                    check_double_backward(outputs, type(self).__name__)
                 if not outputs.requires_grad:
                     return _Linearization(outputs, curvature, None, [], [])
                 dummy = torch.zeros_like(outputs, requires_grad=True)
@@ -159,10 +158,14 @@ class OutputSpaceOperator(ModelOperator):
             ]
         return [torch.stack(r) for r in zip(*cols)]
 
-    def _product_with(self, backend: str, index: int, lin: _Linearization, V: list[Tensor]) -> list[Tensor]:
+    def _product_with(
+        self, backend: str, index: int, lin: _Linearization, V: list[Tensor], columns: int | None = None
+    ) -> list[Tensor]:
         k = V[0].shape[0]
+        step = columns or self.probe_batch_size or k
         out = [torch.empty_like(v) for v in V]
-        for cols in self._column_chunks(k):
+        for start in range(0, k, step):
+            cols = slice(start, min(start + step, k))
             chunk = [v[cols] for v in V]
             JV = self._jvp(lin, chunk, backend)
             W = self._output_product(index, lin.curvature, JV)
@@ -170,33 +173,24 @@ class OutputSpaceOperator(ModelOperator):
                 out[j][cols] = r
         return out
 
-    def _autotune(self, index: int, lin: _Linearization, V: list[Tensor]) -> None:
-        """Time both strategies on the first columns and keep the faster for this operator.
-
-        The trial results are discarded (the block is then computed by the chosen strategy), so
-        every product of the operator, the first included, is computed the same way, bit for bit.
-        """
-        cols = slice(0, min(V[0].shape[0], self.probe_batch_size or AUTOTUNE_COLUMNS, AUTOTUNE_COLUMNS))
-        trial = [v[cols] for v in V]
-        timings = {}
-        for backend in ("loop", "vmap"):
-            _synchronize(self.device)
-            start = time.perf_counter()
-            try:
-                self._product_with(backend, index, lin, trial)
-            except (RuntimeError, NotImplementedError) as exc:  # an op without a batching rule
-                if backend == "loop":
-                    raise
-                logger.info("%s backend 'auto': vmap unavailable here (%s)", type(self).__name__, exc)
-                continue
-            _synchronize(self.device)
-            timings[backend] = time.perf_counter() - start
-        self._auto_choice = min(timings, key=timings.get)
-        logger.info("%s backend 'auto' chose %s (%s)", type(self).__name__, self._auto_choice, timings)
-
     def _batch_product(self, index: int, inputs: Any, targets: Any, V: list[Tensor]) -> list[Tensor]:
-        lin = self._forward_graph(index, inputs, targets)
-        k = V[0].shape[0]
-        if self.resolved_backend(k) is None:
-            self._autotune(index, lin, V)
-        return self._product_with(self.resolved_backend(k), index, lin, V)
+        try:
+            lin = self._forward_graph(index, inputs, targets)
+            key = self.backend_key(V[0].shape[0])
+
+            def run(backend: str, W: list[Tensor], columns: int | None) -> list[Tensor]:
+                return self._product_with(backend, index, lin, W, columns)
+
+            def bytes_per_column(backend: str) -> int:
+                # One output-sized tangent and one set of parameter-sized cotangents per column.
+                return lin.outputs.numel() * lin.outputs.element_size() + self.shape[0] * self.dtype.itemsize
+
+            return self._selector.product(key, self.device, V, run, bytes_per_column, first_batch=index == 0)
+        except (RuntimeError, NotImplementedError) as exc:
+            if lacks_double_backward(exc) and not isinstance(exc, NoDoubleBackwardError):
+                raise NoDoubleBackwardError(
+                    f"{type(self).__name__} needs a backward of the model's backward (J V by a double vjp), and the "
+                    f"model has an operation without one ({exc}); Hessian(..., backend='finite_difference') "
+                    "computes curvature products from gradients alone"
+                ) from exc
+            raise
