@@ -27,7 +27,8 @@ class PlanFileError(ValueError):
 
 #: The schema: required and optional top-level keys.
 _REQUIRED = ("schema_version", "bits", "size_bytes", "bops", "omega")
-_OPTIONAL = ("omega_per_layer", "metric", "method", "quantizer", "activation_bits")
+# "provenance": how the file was made (the `curvature` command writes one); read and ignored
+_OPTIONAL = ("omega_per_layer", "metric", "method", "quantizer", "activation_bits", "provenance")
 _QUANTIZER_KEYS = ("symmetric", "per_channel")
 _PLAN_METRICS = ("trace", "eigenvalue")
 
@@ -84,6 +85,8 @@ def _check_payload(payload: Any) -> None:
     for key in _QUANTIZER_KEYS:
         if key in quantizer and not isinstance(quantizer[key], bool):
             raise PlanFileError(f"'quantizer'.{key!r} must be true or false, got {quantizer[key]!r}")
+    if not isinstance(payload.get("provenance", {}), Mapping):
+        raise PlanFileError(f"'provenance' must be an object, got {payload['provenance']!r}")
     act = payload.get("activation_bits")
     if act is not None and not (_is_integer(act) and 1 <= act <= 32):
         raise PlanFileError(f"'activation_bits' must be null or an integer in 1..32, got {act!r}")
@@ -111,7 +114,8 @@ class BitPlan:
     (number), ``"omega"`` (number), ``"omega_per_layer"`` (object: layer -> number),
     ``"metric"`` (``"trace"`` or ``"eigenvalue"``), ``"method"`` (string), ``"quantizer"``
     (object with booleans ``"symmetric"`` and ``"per_channel"``), ``"activation_bits"``
-    (integer 1..32 or null). :meth:`from_dict` checks every value's type and range and refuses
+    (integer 1..32 or null), ``"provenance"`` (object, how the file was made; read and ignored).
+    :meth:`from_dict` checks every value's type and range and refuses
     unknown keys, with a :class:`PlanFileError` naming the key (never a coercion: ``"false"``
     is not a boolean). Readers reject other versions; later versions only add keys.
 

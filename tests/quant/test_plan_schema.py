@@ -59,6 +59,7 @@ def test_the_loaded_quantizer_is_the_one_applied():
         ({"quantizer": {"per_channel": 1}}, "'per_channel'"),
         ({"schema_version": True}, "schema_version"),
         ({"extra": 1}, "unknown keys"),
+        ({"provenance": "cli"}, "'provenance' must be an object"),
     ],
 )
 def test_malformed_values_are_named(changes, key):
