@@ -1,0 +1,203 @@
+"""Curvature of one batch's loss in the model outputs: loss-Hessian products and Fisher sampling."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._normalizer import Normalizer, _token_labels, evaluate_loss
+from ._output_checks import check_outputs
+from ._recognise import LossInfo
+
+__all__ = ["OutputCurvature"]
+
+logger = logging.getLogger("curvature.losses")
+
+
+class OutputCurvature:
+    """Curvature of one batch's loss with respect to the model outputs ``F``.
+
+    Built once per batch from the detached outputs and targets; applies, to a stack of output
+    tangents ``U`` of shape ``(k, *F.shape)``, the loss Hessian (GGN / exact Fisher), a
+    Monte-Carlo Fisher, or the empirical-Fisher residual outer products. ``normalizer`` is the
+    batch's :class:`Normalizer` (``kappa = 1/Z``).
+    """
+
+    def __init__(
+        self,
+        info: LossInfo,
+        loss_fn: Callable[..., Tensor],
+        outputs: Tensor,
+        targets: Any,
+        normalizer: Normalizer | None = None,
+    ):
+        self.info = info
+        self.loss_fn = loss_fn
+        self.outputs = outputs.detach()
+        self.targets = targets
+        check_outputs(info, self.outputs, targets)
+        if normalizer is None:
+            with torch.no_grad():
+                normalizer = evaluate_loss(info, loss_fn, self.outputs, targets)[1]
+        self.normalizer = normalizer
+        self.kappa = 1.0 / max(normalizer.value, 1e-300) if normalizer.value > 0 else 0.0
+        self._scale: Tensor | None = None  # per-unit factor of the closed-form Hessian
+        self._generic_grad: tuple[Tensor, Tensor] | None = None
+        if info.kind == "cross_entropy":
+            # Class dimension last; each remaining position is one categorical unit.
+            C = self.outputs.shape[info.class_dim]
+            self._logits = self.outputs.movedim(info.class_dim, -1).reshape(-1, C)
+            self._probs = torch.softmax(self._logits, dim=-1)
+            self._targets_dist = self._target_distribution(targets)  # q_u with sum_c q_uc = scale_u
+            self._scale = self._targets_dist.sum(-1)
+        elif info.kind == "bce_with_logits":
+            s = torch.sigmoid(self.outputs)
+            factor = s * (1 - s)
+            if info.weight is not None or info.pos_weight is not None:
+                y = targets.to(self.outputs.dtype)
+                if info.pos_weight is not None:
+                    factor = factor * (info.pos_weight.to(y.dtype) * y + 1 - y)
+                if info.weight is not None:
+                    factor = factor * info.weight.to(y.dtype)
+            self._bce_factor = factor
+
+    def _target_distribution(self, targets: Any) -> Tensor:
+        """Per unit the (unnormalised) target weights ``q_u`` with ``nll_u = -sum_c q_uc log p_uc``."""
+        p = self._probs
+        C = p.shape[-1]
+        eps = self.info.label_smoothing
+        w = self.info.weight.to(device=p.device, dtype=p.dtype) if self.info.weight is not None else None
+        if targets.is_floating_point():
+            q = targets.movedim(1, -1).reshape(-1, C).to(p.dtype)
+            if eps:
+                q = (1 - eps) * q + eps / C
+            return q * w if w is not None else q
+        t = _token_labels(self.info, targets).reshape(-1)
+        valid = (t != self.info.ignore_index).to(p.dtype)
+        onehot = F.one_hot(t.clamp(0, C - 1), C).to(p.dtype)
+        if w is not None:
+            q = (1 - eps) * onehot * w + (eps / C) * w
+        else:
+            q = (1 - eps) * onehot + eps / C
+        return q * valid[:, None]
+
+    # -- unit layout -------------------------------------------------------------------------
+    def _to_units(self, U: Tensor) -> Tensor:
+        """``(k, *F.shape) -> (k, units, per_unit)``."""
+        k = U.shape[0]
+        if self.info.kind == "cross_entropy" and self.info.class_dim == -1:
+            return U.reshape(k, -1, self.outputs.shape[-1])
+        if self.info.kind == "cross_entropy":
+            return U.movedim(2, -1).reshape(k, -1, self.outputs.shape[1])
+        return U.reshape(k, self.outputs.shape[0] if self.outputs.ndim else 1, -1)
+
+    def _from_units(self, W: Tensor) -> Tensor:
+        k = W.shape[0]
+        if self.info.kind == "cross_entropy" and self.info.class_dim == -1:
+            return W.reshape(k, *self.outputs.shape)
+        if self.info.kind == "cross_entropy":
+            moved_shape = (k, *self.outputs.movedim(1, -1).shape)
+            return W.reshape(moved_shape).movedim(-1, 2)
+        return W.reshape(k, *self.outputs.shape)
+
+    # -- loss Hessian ---------------------------------------------------------------------------
+    def hessian_product(self, U: Tensor) -> Tensor:
+        """``(d^2 L / dF^2) U`` for each of the ``k`` stacked tangents."""
+        kind = self.info.kind
+        if kind == "cross_entropy":
+            p = self._probs
+            Uu = self._to_units(U)
+            W = p * Uu - p * (Uu * p).sum(-1, keepdim=True)
+            return self._from_units(W * (self._scale * self.kappa)[:, None])
+        if kind == "mse":
+            return U * (2.0 * self.kappa)
+        if kind == "bce_with_logits":
+            return U * (self._bce_factor * self.kappa)
+        return self._generic_hessian_product(U)
+
+    def _generic_hessian_product(self, U: Tensor) -> Tensor:
+        """Reverse-over-reverse on the (small) output space: one create-graph gradient of the loss
+        in the outputs, then one batched backward for all tangents. Unlike forward-mode AD this
+        works for every loss with a double backward (``huber_loss`` has no forward-AD formula,
+        ``mse_loss`` trips forward AD's zero tangents) and respects ``no_grad``/``detach`` in it."""
+        if self._generic_grad is None:
+            out = self.outputs.detach().requires_grad_(True)
+            with torch.enable_grad():
+                loss = self.loss_fn(out, self.targets)
+                if not (isinstance(loss, Tensor) and loss.is_floating_point() and loss.requires_grad):
+                    raise TypeError(
+                        "loss_fn is not differentiable in the model outputs (it returned "
+                        f"{type(loss).__name__}{'' if not isinstance(loss, Tensor) else ' of dtype ' + str(loss.dtype)}"
+                        " without a gradient); curvature needs a twice-differentiable loss"
+                    )
+                (g,) = torch.autograd.grad(loss, out, create_graph=True)
+            self._generic_grad = (out, g)
+            logger.info("loss-Hessian products by reverse-over-reverse on the output space (%s)", type(self.loss_fn))
+        out, g = self._generic_grad
+        if not g.requires_grad:  # the loss is linear in the outputs
+            return torch.zeros_like(U)
+        with torch.enable_grad():
+            try:
+                (HU,) = torch.autograd.grad(g, out, U, retain_graph=True, is_grads_batched=True, allow_unused=True,
+                                            materialize_grads=True)
+            except (RuntimeError, NotImplementedError) as exc:
+                logger.info("loss-Hessian: batched backward unavailable (%s); one backward per tangent", exc)
+                HU = torch.stack([
+                    torch.autograd.grad(g, out, u, retain_graph=True, allow_unused=True, materialize_grads=True)[0]
+                    for u in U
+                ])
+        return HU
+
+    # -- Fisher variants ------------------------------------------------------------------------
+    def sampled_residuals(self, num_samples: int, generator: torch.Generator) -> Tensor:
+        """Gradients of the raw negative log-likelihood at labels drawn from the model, ``(S, units, per_unit)``."""
+        kind = self.info.kind
+        if not self.info.is_likelihood:
+            raise ValueError(
+                "the Fisher needs a likelihood: supported losses are CrossEntropyLoss, MSELoss and BCEWithLogitsLoss "
+                "without weights; use GGN for other losses"
+            )
+        if kind == "cross_entropy":
+            p = self._probs
+            labels = torch.multinomial(p, num_samples, replacement=True, generator=generator).T  # (S, units)
+            onehot = F.one_hot(labels, p.shape[-1]).to(p.dtype)
+            R = p.unsqueeze(0) - onehot
+            # Each unit's Fisher carries the same factor as its Hessian (0 for ignored tokens).
+            return R * self._scale.sqrt()[:, None]
+        flat = self.outputs.reshape(self.outputs.shape[0], -1)
+        if kind == "mse":
+            # nll (f - y)^2 is a Gaussian with variance 1/2; its score 2(f - y~) ~ N(0, 2).
+            noise = torch.randn((num_samples, *flat.shape), generator=generator, dtype=flat.dtype, device=flat.device)
+            return noise * (2.0**0.5)
+        s = torch.sigmoid(flat)
+        draws = torch.rand((num_samples, *flat.shape), generator=generator, dtype=flat.dtype, device=flat.device)
+        return s.unsqueeze(0) - (draws < s).to(flat.dtype)
+
+    def residuals(self) -> Tensor:
+        """Per-unit gradients of the raw (unnormalised) loss at the observed targets, ``(units, per_unit)``."""
+        kind = self.info.kind
+        if kind == "cross_entropy":
+            return self._probs * self._scale[:, None] - self._targets_dist
+        flat = self.outputs.reshape(self.outputs.shape[0], -1)
+        if kind == "mse":
+            return 2.0 * (flat - self.targets.reshape(flat.shape).to(flat.dtype))
+        if kind == "bce_with_logits" and self.info.weight is None and self.info.pos_weight is None:
+            return torch.sigmoid(flat) - self.targets.reshape(flat.shape).to(flat.dtype)
+        # Other losses: the gradient of the batch loss w.r.t. the outputs is (1/Z) times the units' residuals.
+        outputs = self.outputs.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(self.loss_fn(outputs, self.targets), outputs)
+        return g.reshape(g.shape[0] if g.ndim else 1, -1) * self.normalizer.value
+
+    def outer_product(self, R: Tensor, U: Tensor) -> Tensor:
+        """``kappa * mean_s R_s R_s^T U`` per unit; ``R`` is ``(S, units, per_unit)`` or ``(units, per_unit)``."""
+        if R.ndim == 2:
+            R = R.unsqueeze(0)
+        Uu = self._to_units(U)
+        coeff = torch.einsum("sup,kup->ksu", R, Uu)
+        W = torch.einsum("ksu,sup->kup", coeff, R) * (self.kappa / R.shape[0])
+        return self._from_units(W)
