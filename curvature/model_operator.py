@@ -19,7 +19,7 @@ from .blocks import make_blocks
 from .compat import exact_weight_norm, unwrap_compiled
 from .data import Batch, BatchSource, batch_tensors, call_model
 from .linear_operator import LinearOperator
-from .losses import LossInfo, LossNormaliser, check_outputs, describe_loss
+from .losses import LossInfo, LossNormaliser, check_outputs, describe_loss, lean_loss
 from .outputs import OutputSelector, select_output
 from .params import ParamSpec, select_parameters
 from .precision import ComputeCopy
@@ -249,6 +249,20 @@ class ModelOperator(LinearOperator):
         check_outputs(self.loss_info, outputs, targets)
         return self._check_loss(self.loss_fn(outputs, targets), index)
 
+    def second_order_loss(self, inputs: Any, targets: Any, index: int = 0) -> Tensor:
+        """The batch loss for a double backward: :meth:`loss`, computed for a recognised
+        cross-entropy by :func:`curvature.losses.lean_loss` (the same value, whose second
+        derivative is applied in closed form, chunk by chunk, without the ``B x T x V``
+        intermediates of a twice-differentiated ``log_softmax``)."""
+        outputs = self.forward(inputs)
+        check_outputs(self.loss_info, outputs, targets)
+        if self.loss_info.kind == "cross_entropy" and isinstance(outputs, Tensor):
+            normalizer = self._loss_normaliser.of_outputs(inputs, outputs.detach(), targets)
+            lean = lean_loss(self.loss_info, outputs, targets, normalizer)
+            if lean is not None:
+                return self._check_loss(lean, index)
+        return self._check_loss(self.loss_fn(outputs, targets), index)
+
     # -- graph cache ----------------------------------------------------------------------------
     def release(self) -> None:
         """Free the cached autograd graphs (a later product rebuilds them)."""
@@ -381,8 +395,11 @@ class ModelOperator(LinearOperator):
             total: Tensor | None = None
             weights = 0.0
             for batch in self._pass_batches():
-                parts = self._batch_product(batch.index, batch.inputs, batch.targets, V_list)
                 weight = batch.weight
+                if mean and weight == 0:
+                    # Nothing of this batch counts (every token ignored); its mean loss is 0/0 (NaN).
+                    continue
+                parts = self._batch_product(batch.index, batch.inputs, batch.targets, V_list)
                 weights += weight
                 if first is None:  # kept unscaled: one batch needs no weighting at all
                     first = (parts, weight)
@@ -392,7 +409,8 @@ class ModelOperator(LinearOperator):
                     total.mul_(first[1])
                 for block, part in zip(self.blocks, parts):
                     total[:, block.slice].add_(part.reshape(k, -1), alpha=weight)
-            assert first is not None  # the batch source raises on empty data
+            if first is None:
+                raise ValueError("no batch has a target that counts (all are ignore_index): the mean loss is 0/0")
             if total is None:
                 total = self._flat(first[0], k)
             elif mean:

@@ -115,7 +115,8 @@ class OutputSpaceOperator(ModelOperator):
                 curvature = self._curvature(inputs, outputs, targets, index)
                 if not outputs.requires_grad:
                     return _Linearization(outputs, curvature, None, [], [])
-                dummy = torch.zeros_like(outputs, requires_grad=True)
+                # A stride-0 zero: the graph of J^T w saves w, which need not take the outputs' memory.
+                dummy = outputs.new_zeros(()).expand(outputs.shape).requires_grad_(True)
                 jtw = torch.autograd.grad(outputs, self.params, dummy, create_graph=True, allow_unused=True)
             live = [i for i, g in enumerate(jtw) if g is not None and g.requires_grad]
             return _Linearization(outputs, curvature, dummy, list(jtw), live)
@@ -164,8 +165,8 @@ class OutputSpaceOperator(ModelOperator):
         out = [torch.empty_like(v) for v in V]
         for cols in self._column_chunks(k):
             chunk = [v[cols] for v in V]
-            JV = self._jvp(lin, chunk, backend)
-            W = self._output_product(index, lin.curvature, JV)
+            # J V is not kept beside M (J V): the closed forms write M (J V) into it (lean LM products).
+            W = self._output_product(index, lin.curvature, self._jvp(lin, chunk, backend))
             for j, r in enumerate(self._vjp(lin, W, backend)):
                 out[j][cols] = r
         return out

@@ -19,6 +19,7 @@ unit losses doubles). A loss that fails that check must declare its normaliser
 
 from __future__ import annotations
 
+from ._lean_loss import lean_loss
 from ._normalizer import LossNormaliser, Normalizer, evaluate_loss, verify_normalizer
 from ._output_checks import check_outputs
 from ._output_curvature import OutputCurvature
@@ -36,4 +37,5 @@ __all__ = [
     "TokenCrossEntropyLoss",
     "check_outputs",
     "ReductionSpec",
+    "lean_loss",
 ]

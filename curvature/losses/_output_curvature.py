@@ -6,9 +6,9 @@ import logging
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from ._cross_entropy import TokenTargets, hessian_product_, residuals
 from ._normalizer import Normalizer, _token_labels, evaluate_loss
 from ._output_checks import check_outputs
 from ._recognise import LossInfo
@@ -47,13 +47,24 @@ class OutputCurvature:
         self.kappa = 1.0 / max(normalizer.value, 1e-300) if normalizer.value > 0 else 0.0
         self._scale: Tensor | None = None  # per-unit factor of the closed-form Hessian
         self._generic_grad: tuple[Tensor, Tensor] | None = None
+        self._tokens: TokenTargets | None = None
+        self._soft_targets: Tensor | None = None
         if info.kind == "cross_entropy":
-            # Class dimension last; each remaining position is one categorical unit.
+            # Class dimension last; each remaining position is one categorical unit. Integer targets
+            # stay labels (TokenTargets): a dense q would be as large as the logits (a language
+            # model's B x T x V), and the softmax is recomputed per chunk where it is needed.
             C = self.outputs.shape[info.class_dim]
             self._logits = self.outputs.movedim(info.class_dim, -1).reshape(-1, C)
-            self._probs = torch.softmax(self._logits, dim=-1)
-            self._targets_dist = self._target_distribution(targets)  # q_u with sum_c q_uc = scale_u
-            self._scale = self._targets_dist.sum(-1)
+            if isinstance(targets, Tensor) and targets.is_floating_point():
+                self._soft_targets = self._target_distribution(targets)  # q_u with sum_c q_uc = scale_u
+                self._scale = self._soft_targets.sum(-1)
+            else:
+                self._tokens = TokenTargets.build(
+                    _token_labels(info, targets), C, ignore_index=info.ignore_index,
+                    label_smoothing=info.label_smoothing, weight=info.weight, dtype=self._logits.dtype,
+                    device=self._logits.device,
+                )
+                self._scale = self._tokens.scale
         elif info.kind == "bce_with_logits":
             s = torch.sigmoid(self.outputs)
             factor = s * (1 - s)
@@ -65,25 +76,21 @@ class OutputCurvature:
                     factor = factor * info.weight.to(y.dtype)
             self._bce_factor = factor
 
-    def _target_distribution(self, targets: Any) -> Tensor:
-        """Per unit the (unnormalised) target weights ``q_u`` with ``nll_u = -sum_c q_uc log p_uc``."""
-        p = self._probs
-        C = p.shape[-1]
+    @property
+    def _probs(self) -> Tensor:
+        """The units' class probabilities ``(units, C)`` (computed on each use: they are as large as the logits)."""
+        return torch.softmax(self._logits, dim=-1)
+
+    def _target_distribution(self, targets: Tensor) -> Tensor:
+        """Per unit the (unnormalised) weights ``q_u`` of probability targets: ``nll_u = -sum_c q_uc log p_uc``."""
+        C = self._logits.shape[-1]
+        dtype = self._logits.dtype
         eps = self.info.label_smoothing
-        w = self.info.weight.to(device=p.device, dtype=p.dtype) if self.info.weight is not None else None
-        if targets.is_floating_point():
-            q = targets.movedim(1, -1).reshape(-1, C).to(p.dtype)
-            if eps:
-                q = (1 - eps) * q + eps / C
-            return q * w if w is not None else q
-        t = _token_labels(self.info, targets).reshape(-1)
-        valid = (t != self.info.ignore_index).to(p.dtype)
-        onehot = F.one_hot(t.clamp(0, C - 1), C).to(p.dtype)
-        if w is not None:
-            q = (1 - eps) * onehot * w + (eps / C) * w
-        else:
-            q = (1 - eps) * onehot + eps / C
-        return q * valid[:, None]
+        w = self.info.weight.to(device=self._logits.device, dtype=dtype) if self.info.weight is not None else None
+        q = targets.movedim(1, -1).reshape(-1, C).to(dtype)
+        if eps:
+            q = (1 - eps) * q + eps / C
+        return q * w if w is not None else q
 
     # -- unit layout -------------------------------------------------------------------------
     def _to_units(self, U: Tensor) -> Tensor:
@@ -105,14 +112,17 @@ class OutputCurvature:
         return W.reshape(k, *self.outputs.shape)
 
     # -- loss Hessian ---------------------------------------------------------------------------
-    def hessian_product(self, U: Tensor) -> Tensor:
-        """``(d^2 L / dF^2) U`` for each of the ``k`` stacked tangents."""
+    def hessian_product(self, U: Tensor, *, overwrite: bool = False) -> Tensor:
+        """``(d^2 L / dF^2) U`` for each of the ``k`` stacked tangents.
+
+        ``overwrite=True`` lets cross-entropy write the product into ``U`` (no second tensor of
+        the outputs' size: a language model's ``k x B x T x V``)."""
         kind = self.info.kind
         if kind == "cross_entropy":
-            p = self._probs
             Uu = self._to_units(U)
-            W = p * Uu - p * (Uu * p).sum(-1, keepdim=True)
-            return self._from_units(W * (self._scale * self.kappa)[:, None])
+            if not overwrite and Uu.untyped_storage().data_ptr() == U.untyped_storage().data_ptr():
+                Uu = Uu.clone()
+            return self._from_units(hessian_product_(self._logits, Uu, self._scale * self.kappa))
         if kind == "mse":
             return U * (2.0 * self.kappa)
         if kind == "bce_with_logits":
@@ -164,10 +174,12 @@ class OutputCurvature:
         if kind == "cross_entropy":
             p = self._probs
             labels = torch.multinomial(p, num_samples, replacement=True, generator=generator).T  # (S, units)
-            onehot = F.one_hot(labels, p.shape[-1]).to(p.dtype)
-            R = p.unsqueeze(0) - onehot
+            # p - e_label without a one-hot tensor (int64, twice the logits' size in float32).
+            R = p.unsqueeze(0).repeat(num_samples, 1, 1)
+            del p
+            R.scatter_add_(-1, labels.unsqueeze(-1), torch.full_like(labels, -1, dtype=R.dtype).unsqueeze(-1))
             # Each unit's Fisher carries the same factor as its Hessian (0 for ignored tokens).
-            return R * self._scale.sqrt()[:, None]
+            return R.mul_(self._scale.sqrt()[:, None])
         flat = self.outputs.reshape(self.outputs.shape[0], -1)
         if kind == "mse":
             # nll (f - y)^2 is a Gaussian with variance 1/2; its score 2(f - y~) ~ N(0, 2).
@@ -181,7 +193,9 @@ class OutputCurvature:
         """Per-unit gradients of the raw (unnormalised) loss at the observed targets, ``(units, per_unit)``."""
         kind = self.info.kind
         if kind == "cross_entropy":
-            return self._probs * self._scale[:, None] - self._targets_dist
+            if self._tokens is not None:
+                return residuals(self._logits, self._tokens)
+            return self._probs * self._scale[:, None] - self._soft_targets
         flat = self.outputs.reshape(self.outputs.shape[0], -1)
         if kind == "mse":
             return 2.0 * (flat - self.targets.reshape(flat.shape).to(flat.dtype))
