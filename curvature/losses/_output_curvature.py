@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ._cross_entropy import TokenTargets, hessian_product_, residuals
+from ._cross_entropy import TokenTargets, _row_chunks, hessian_product_, residuals
 from ._normalizer import Normalizer, _token_labels, evaluate_loss
 from ._output_checks import check_outputs
 from ._recognise import LossInfo
@@ -207,11 +207,20 @@ class OutputCurvature:
             (g,) = torch.autograd.grad(self.loss_fn(outputs, self.targets), outputs)
         return g.reshape(g.shape[0] if g.ndim else 1, -1) * self.normalizer.value
 
-    def outer_product(self, R: Tensor, U: Tensor) -> Tensor:
-        """``kappa * mean_s R_s R_s^T U`` per unit; ``R`` is ``(S, units, per_unit)`` or ``(units, per_unit)``."""
+    def outer_product(self, R: Tensor, U: Tensor, *, overwrite: bool = False) -> Tensor:
+        """``kappa * mean_s R_s R_s^T U`` per unit; ``R`` is ``(S, units, per_unit)`` or ``(units, per_unit)``.
+
+        Applied in chunks of units (each unit's result depends on its own rows only), so no
+        temporary is larger than one chunk; ``overwrite=True`` writes the result into ``U``."""
         if R.ndim == 2:
             R = R.unsqueeze(0)
         Uu = self._to_units(U)
-        coeff = torch.einsum("sup,kup->ksu", R, Uu)
-        W = torch.einsum("ksu,sup->kup", coeff, R) * (self.kappa / R.shape[0])
-        return self._from_units(W)
+        if not overwrite and Uu.untyped_storage().data_ptr() == U.untyped_storage().data_ptr():
+            Uu = Uu.clone()
+        factor = self.kappa / R.shape[0]
+        for c in _row_chunks(Uu.shape[1], Uu.shape[-1]):
+            Rc = R[:, c]
+            for u in Uu[:, c]:
+                coeff = torch.einsum("sup,up->su", Rc, u)
+                u.copy_(torch.einsum("su,sup->up", coeff, Rc)).mul_(factor)
+        return self._from_units(Uu)
