@@ -106,7 +106,7 @@ def hessian_product_(logits: Tensor, U: Tensor, factor: Tensor) -> Tensor:
         p = torch.softmax(logits[c], dim=-1)
         f = factor[c, None]
         for u in U[..., c, :] if U.ndim == 3 else (U[c],):
-            dot = (p * u).sum(-1, keepdim=True)
+            dot = torch.linalg.vecdot(p, u).unsqueeze(-1)  # no p * u temporary
             u.sub_(dot).mul_(p).mul_(f)
     return U
 
