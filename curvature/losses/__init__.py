@@ -15,6 +15,14 @@ while recording which reductions it performs (``F.mse_loss(..., reduction="mean"
 the reading is verified by evaluating the loss on the batch concatenated with itself (a sum of
 unit losses doubles). A loss that fails that check must declare its normaliser
 (``reduction="sum"``, or ``reduction=callable(inputs, targets) -> Z``).
+
+Modules (one job each): ``_recognise`` (which closed form a loss is: :func:`describe_loss`,
+:class:`LossInfo`), ``_normalizer`` (:class:`Normalizer`, :func:`evaluate_loss`,
+:func:`verify_normalizer`, :class:`LossNormaliser`), ``_output_checks`` (:func:`check_outputs`),
+``_output_curvature`` (:class:`OutputCurvature`: output-space products and Fisher sampling),
+``_cross_entropy`` (the chunked closed forms of cross-entropy), ``_lean_loss``
+(:func:`lean_loss`, the closed-form loss for the Hessian's double backward) and ``_token_loss``
+(:class:`TokenCrossEntropyLoss`). See docs/lm_products.md.
 """
 
 from __future__ import annotations
