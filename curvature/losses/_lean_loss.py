@@ -40,7 +40,11 @@ def lean_loss(info: LossInfo, outputs: Tensor, targets: Any, normalizer: Normali
     classes = outputs.shape[-1]
     logits = outputs.reshape(-1, classes)
     tokens = TokenTargets.build(
-        _token_labels(info, targets), classes, ignore_index=info.ignore_index, label_smoothing=info.label_smoothing,
+        _token_labels(info, targets), classes, ignore_index=_ignored(info), label_smoothing=info.label_smoothing,
         weight=info.weight, dtype=outputs.dtype, device=outputs.device,
     )
     return lean_cross_entropy(logits, tokens, normalizer.value)
+
+
+def _ignored(info: LossInfo) -> int:
+    return -100 if info.ignore_index is None else info.ignore_index

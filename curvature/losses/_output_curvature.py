@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ._cross_entropy import TokenTargets, _row_chunks, hessian_product_, residuals
+from ._lean_loss import _ignored
 from ._normalizer import Normalizer, _token_labels, evaluate_loss
 from ._output_checks import check_outputs
 from ._recognise import LossInfo
@@ -60,7 +61,7 @@ class OutputCurvature:
                 self._scale = self._soft_targets.sum(-1)
             else:
                 self._tokens = TokenTargets.build(
-                    _token_labels(info, targets), C, ignore_index=info.ignore_index,
+                    _token_labels(info, targets), C, ignore_index=_ignored(info),
                     label_smoothing=info.label_smoothing, weight=info.weight, dtype=self._logits.dtype,
                     device=self._logits.device,
                 )
