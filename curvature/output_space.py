@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .losses import OutputCurvature, check_outputs
+from .losses import OutputCurvature, check_outputs, lean_loss
 from .model_operator import ModelOperator
 
 __all__ = ["OutputSpaceOperator", "JACOBIAN_BACKENDS"]
@@ -100,8 +100,14 @@ class OutputSpaceOperator(ModelOperator):
 
     def _curvature(self, inputs: Any, outputs: Tensor, targets: Any, index: int) -> OutputCurvature:
         check_outputs(self.loss_info, outputs, targets)
-        self._check_loss(self.loss_fn(outputs.detach(), targets), index)
+        cross_entropy = self.loss_info.kind == "cross_entropy"  # its normalizer needs no loss value
+        if not cross_entropy:
+            self._check_loss(self.loss_fn(outputs.detach(), targets), index)
         normalizer = self._loss_normaliser.of_outputs(inputs, outputs.detach(), targets)
+        if cross_entropy:
+            with torch.no_grad():  # the value is only checked: the lean one skips log_softmax's B x T x V
+                lean = lean_loss(self.loss_info, outputs.detach(), targets, normalizer)
+                self._check_loss(lean if lean is not None else self.loss_fn(outputs.detach(), targets), index)
         return OutputCurvature(self.loss_info, self.loss_fn, outputs, targets, normalizer)
 
     def _forward_graph(self, index: int, inputs: Any, targets: Any) -> _Linearization:
