@@ -15,9 +15,10 @@ batches (labels ``-100`` past each sequence's random length), ``TokenCrossEntrop
 eigenthings: ``HessianOperator(method="autograd")`` and ``GGNOperator`` with
 ``hf_lm_loss_of_output(fused="compile")`` (its fused kernel; ``torch.compile`` on the CPU).
 
-Run on a quiet machine (the figures in docs/lm_products.md)::
+Times need a quiet machine; memory does not (each job is alone in its process)::
 
-    OMP_NUM_THREADS=2 python -m bench.lm --mode all --rounds 5 --out bench/results/lm.json
+    OMP_NUM_THREADS=2 python -m bench.lm --mode time --rounds 7 --out bench/results/lm_time.json
+    OMP_NUM_THREADS=2 python -m bench.lm --mode memory --repeats 3 --out bench/results/lm_memory.json
 
 ``--tiny`` runs both modes at toy sizes (vocabulary 1,000, seconds) as a dry run.
 """
