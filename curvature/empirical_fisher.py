@@ -43,4 +43,4 @@ class EmpiricalFisher(OutputSpaceOperator):
         self._loss_normaliser.strict = True
 
     def _output_product(self, index: int, curvature: OutputCurvature, U: Tensor) -> Tensor:
-        return curvature.outer_product(curvature.residuals(), U)
+        return curvature.outer_product(curvature.residuals(), U, overwrite=True)

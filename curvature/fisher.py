@@ -72,5 +72,5 @@ class Fisher(OutputSpaceOperator):
 
     def _output_product(self, index: int, curvature: OutputCurvature, U: Tensor) -> Tensor:
         if self.mc_samples is None:
-            return curvature.hessian_product(U)
-        return curvature.outer_product(self._sampled(index, curvature), U)
+            return curvature.hessian_product(U, overwrite=True)
+        return curvature.outer_product(self._sampled(index, curvature), U, overwrite=True)

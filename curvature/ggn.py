@@ -35,4 +35,4 @@ class GGN(OutputSpaceOperator):
     """
 
     def _output_product(self, index: int, curvature: OutputCurvature, U: Tensor) -> Tensor:
-        return curvature.hessian_product(U)
+        return curvature.hessian_product(U, overwrite=True)

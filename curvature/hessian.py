@@ -133,7 +133,7 @@ class Hessian(SelectsBackend, ModelOperator):
 
         def build() -> list[Tensor]:
             with torch.enable_grad():
-                loss = self.loss(inputs, targets, index)
+                loss = self.second_order_loss(inputs, targets, index)
                 check_double_backward(loss, "Hessian")
                 return list(
                     torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True, materialize_grads=True)

@@ -19,7 +19,7 @@ from .data import Batch, BatchSource, EmptyDataError, call_model, split_batch
 from .graph_cache import DEFAULT_GRAPH_CACHE_BYTES, CacheEntry, GraphCache
 from .graph_cache import measure_saved_bytes as _measure_saved_bytes  # noqa: F401 - hessian.py imports it here
 from .linear_operator import LinearOperator
-from .losses import LossInfo, LossNormaliser, check_outputs, describe_loss
+from .losses import LossInfo, LossNormaliser, check_outputs, describe_loss, lean_loss
 from .outputs import OutputSelector, select_output
 from .params import ParamSpec, select_parameters
 from .precision import ComputeCopy
@@ -220,6 +220,20 @@ class ModelOperator(LinearOperator):
         """The batch loss (checked to be a finite scalar)."""
         outputs = self.forward(inputs)
         check_outputs(self.loss_info, outputs, targets)
+        return self._check_loss(self.loss_fn(outputs, targets), index)
+
+    def second_order_loss(self, inputs: Any, targets: Any, index: int = 0) -> Tensor:
+        """The batch loss for a double backward: :meth:`loss`, computed for a recognised
+        cross-entropy by :func:`curvature.losses.lean_loss` (the same value, whose second
+        derivative is applied in closed form, chunk by chunk, without the ``B x T x V``
+        intermediates of a twice-differentiated ``log_softmax``)."""
+        outputs = self.forward(inputs)
+        check_outputs(self.loss_info, outputs, targets)
+        if self.loss_info.kind == "cross_entropy" and isinstance(outputs, Tensor):
+            normalizer = self._loss_normaliser.of_outputs(inputs, outputs.detach(), targets)
+            lean = lean_loss(self.loss_info, outputs, targets, normalizer)
+            if lean is not None:
+                return self._check_loss(lean, index)
         return self._check_loss(self.loss_fn(outputs, targets), index)
 
     # -- graph cache (curvature.graph_cache) ----------------------------------------------------

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .backends import BackendSelector, SelectsBackend
 from .finite_difference import NoDoubleBackwardError, check_double_backward, lacks_double_backward
-from .losses import OutputCurvature, check_outputs
+from .losses import OutputCurvature, check_outputs, lean_loss
 from .model_operator import ModelOperator
 
 __all__ = ["OutputSpaceOperator"]
@@ -97,8 +97,14 @@ class OutputSpaceOperator(SelectsBackend, ModelOperator):
 
     def _curvature(self, inputs: Any, outputs: Tensor, targets: Any, index: int) -> OutputCurvature:
         check_outputs(self.loss_info, outputs, targets)
-        self._check_loss(self.loss_fn(outputs.detach(), targets), index)
+        cross_entropy = self.loss_info.kind == "cross_entropy"  # its normalizer needs no loss value
+        if not cross_entropy:
+            self._check_loss(self.loss_fn(outputs.detach(), targets), index)
         normalizer = self._loss_normaliser.of_outputs(inputs, outputs.detach(), targets)
+        if cross_entropy:
+            with torch.no_grad():  # the value is only checked: the lean one skips log_softmax's B x T x V
+                lean = lean_loss(self.loss_info, outputs.detach(), targets, normalizer)
+                self._check_loss(lean if lean is not None else self.loss_fn(outputs.detach(), targets), index)
         return OutputCurvature(self.loss_info, self.loss_fn, outputs, targets, normalizer)
 
     def _forward_graph(self, index: int, inputs: Any, targets: Any) -> _Linearization:
@@ -114,7 +120,8 @@ class OutputSpaceOperator(SelectsBackend, ModelOperator):
                     check_double_backward(outputs, type(self).__name__)
                 if not outputs.requires_grad:
                     return _Linearization(outputs, curvature, None, [], [])
-                dummy = torch.zeros_like(outputs, requires_grad=True)
+                # A stride-0 zero: the graph of J^T w saves w, which need not take the outputs' memory.
+                dummy = outputs.new_zeros(()).expand(outputs.shape).requires_grad_(True)
                 jtw = torch.autograd.grad(outputs, self.params, dummy, create_graph=True, allow_unused=True)
             live = [i for i, g in enumerate(jtw) if g is not None and g.requires_grad]
             return _Linearization(outputs, curvature, dummy, list(jtw), live)
@@ -167,8 +174,8 @@ class OutputSpaceOperator(SelectsBackend, ModelOperator):
         for start in range(0, k, step):
             cols = slice(start, min(start + step, k))
             chunk = [v[cols] for v in V]
-            JV = self._jvp(lin, chunk, backend)
-            W = self._output_product(index, lin.curvature, JV)
+            # J V is not kept beside M (J V): the closed forms write M (J V) into it (lean LM products).
+            W = self._output_product(index, lin.curvature, self._jvp(lin, chunk, backend))
             for j, r in enumerate(self._vjp(lin, W, backend)):
                 out[j][cols] = r
         return out
