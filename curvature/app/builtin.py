@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .builtin_lm import char_transformer
 from .problem import Problem
 
 __all__ = ["BUILTIN_PROBLEMS", "DigitsCNN", "digits_cnn", "make_cnn", "make_dataset", "synthetic_cnn", "trained_cnn"]
@@ -193,4 +194,5 @@ def trained_cnn(*, seed: int = 0, steps: int = 300, batch_size: int = 64, num_ev
 
 
 #: Built-in problems by ``--problem`` name (the first is the default).
-BUILTIN_PROBLEMS: dict[str, Callable[..., Problem]] = {"digits": digits_cnn, "synthetic": synthetic_cnn}
+BUILTIN_PROBLEMS: dict[str, Callable[..., Problem]] = {"digits": digits_cnn, "synthetic": synthetic_cnn,
+                                                       "charlm": char_transformer}
