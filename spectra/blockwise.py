@@ -24,6 +24,7 @@ from curvature.probes import make_generator
 
 from .density import SpectralDensity
 from .lanczos import lanczos
+from .quadrature import MARGIN, default_sigma
 
 __all__ = [
     "BlockSpectrum",
@@ -100,6 +101,10 @@ def js_distance(p: Tensor, q: Tensor) -> float:
     """
     p = p.double() / p.double().sum()
     q = q.double() / q.double().sum()
+    # Subnormal masses would make m = (p + q)/2 round to 0 beside p > 0 (an infinite KL term);
+    # they carry no mass worth keeping.
+    tiny = torch.finfo(torch.float64).tiny
+    p, q = torch.where(p < tiny, 0.0, p), torch.where(q < tiny, 0.0, q)
     m = (p + q) / 2
 
     def kl(a: Tensor) -> Tensor:
@@ -156,12 +161,12 @@ class BlockSpectra:
 
     Attributes:
         blocks: one :class:`BlockSpectrum` per block, in the operator's parameter order.
-        grid: ``(G,)`` common, non-uniform grid: the union of every block's own density grid, so
-            that each block's density is resolved, however narrow its range.
-        masses: ``(B, G)`` each block's density as a distribution over the grid cells
-            (``φ̂_b(t_i)·w_i`` with trapezoid weights ``w_i``, rows summing to 1).
+        grid: ``(G,)`` the common uniform grid over all blocks' nodes.
+        masses: ``(B, G)`` each block's density, broadened with ``sigma``, as a distribution over
+            the grid points (rows summing to 1).
         js_distances: ``(B, B)`` pairwise Jensen-Shannon distances of the rows of ``masses``.
         num_matvecs: columns of products with the full operator (in wide products).
+        sigma: the kernel standard deviation of the compared densities.
         metadata: settings of the run.
     """
 
@@ -170,6 +175,7 @@ class BlockSpectra:
     masses: Tensor
     js_distances: Tensor
     num_matvecs: int
+    sigma: float
     metadata: dict = field(default_factory=dict)
 
     @property
@@ -247,20 +253,30 @@ def _groups(op: LinearOperator, groups: GroupSpec) -> list[tuple[str, list[str],
     raise ValueError(f"groups must be 'parameter', 'module', 'kind' or a dict label -> patterns, got {groups!r}")
 
 
-def _common_grid(densities: Sequence[SpectralDensity], num_points: int) -> tuple[Tensor, Tensor]:
-    """The union of the blocks' own grids and the blocks' densities as cell masses on it."""
-    grid = torch.unique(torch.cat([d.default_grid(num_points=num_points) for d in densities]))
-    # Trapezoid weights of a non-uniform grid.
-    gaps = grid.diff()
-    w = torch.zeros_like(grid)
-    w[:-1] += gaps / 2
-    w[1:] += gaps / 2
+def _common_grid(densities: Sequence[SpectralDensity], sigma: float | None, num_points: int,
+                 num_steps: int) -> tuple[Tensor, Tensor, float]:
+    """One uniform grid over all blocks' nodes, the ONE kernel width all blocks are broadened
+    with, and each block's density as cell masses on the grid (rows summing to 1).
+
+    One width for all blocks (Zhang et al. use a fixed one): with a width per block, relative to
+    each block's own range, two blocks of the same near-zero spectrum at different tiny scales
+    would look as different as can be.
+    """
+    lo = min(d.support()[0] for d in densities)
+    hi = max(d.support()[1] for d in densities)
+    if sigma is None:
+        sigma = default_sigma(lo, hi, num_steps)
+    elif not sigma > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    pad = max(MARGIN * (hi - lo), 5 * sigma)
+    grid = torch.linspace(lo - pad, hi + pad, num_points, dtype=torch.float64)
     rows = []
     for d in densities:
-        _, p = d.evaluate(grid, sigma=d.default_sigma(), normalize=False)
-        mass = p * w
-        rows.append(mass / mass.sum())
-    return grid, torch.stack(rows)
+        _, p = d.evaluate(grid, sigma=sigma, normalize=False)
+        if not (torch.isfinite(p).all() and p.sum() > 0):
+            raise ValueError("a block's density vanishes on the common grid; pass a larger sigma")
+        rows.append(p / p.sum())
+    return grid, torch.stack(rows), float(sigma)
 
 
 class _BlockDiagonal(LinearOperator):
@@ -341,7 +357,8 @@ def block_spectra(
     k: int = 3,
     num_probes: int = 1,
     num_steps: int = 40,
-    num_points: int = 512,
+    sigma: float | None = None,
+    num_points: int = 2048,
     tol: float = 1e-4,
     generator: torch.Generator | None = None,
 ) -> BlockSpectra:
@@ -354,9 +371,9 @@ def block_spectra(
     top eigenvalues, with a converged flag from their residual bound (one extra Lanczos step).
     All blocks advance in lockstep: each step is ONE product of the full operator with a block of
     ``num_blocks · num_probes`` columns (for a Hessian: one forward and first backward shared by
-    all columns), as Zhang et al.'s code does. The densities, each broadened with its own default
-    kernel (:meth:`SpectralDensity.default_sigma`), are evaluated on one common grid (the union of
-    their own grids) and compared by the Jensen-Shannon distance;
+    all columns), as Zhang et al.'s code does. The densities, all broadened with ONE Gaussian
+    kernel (``sigma``), are evaluated on one uniform grid and compared by the Jensen-Shannon
+    distance;
     :attr:`BlockSpectra.heterogeneity` is the mean over pairs.
 
     Cost: ``min(num_steps + 1, d_b)`` wide products of ``num_blocks · num_probes`` columns;
@@ -372,7 +389,9 @@ def block_spectra(
         k: top eigenvalues per block (0: none).
         num_probes: SLQ probes per block.
         num_steps: Lanczos steps per probe (capped at the block size).
-        num_points: points of each block's own density grid.
+        sigma: the kernel standard deviation every block's density is broadened with for the
+            comparison; default :func:`spectra.default_sigma` of the range of all blocks' nodes.
+        num_points: points of the common grid.
         tol: an eigenvalue counts as converged when its residual bound is below ``tol`` times
             the block's largest Ritz value magnitude.
         generator: source of all randomness (the probes, block by block, then a restart seed).
@@ -383,7 +402,7 @@ def block_spectra(
         ...                   blocks=make_blocks(["a", "b"], [(3,), (2,)]))
         >>> res = block_spectra(H, k=1, num_steps=3, generator=torch.Generator().manual_seed(0))
         >>> [round(float(b.eigenvalues[0]), 6) for b in res.blocks], round(res.heterogeneity, 1)
-        ([3.0, 20.0], 0.8)
+        ([3.0, 20.0], 0.7)
     """
     A = as_operator(op)
     k = check_count(k, name="k", minimum=0)
@@ -444,9 +463,9 @@ def block_spectra(
         alpha, beta, _ = tridiagonals[(b, 0)]
         values, converged = _top_ritz(alpha, beta, min(k, d_b), tol, exact=steps[b] == d_b)
         results.append(BlockSpectrum(label, tuple(members), kind, d_b, values, converged, density))
-    grid, masses = _common_grid([b.density for b in results], num_points)
+    grid, masses, sigma = _common_grid([b.density for b in results], sigma, num_points, num_steps)
     return BlockSpectra(
-        tuple(results), grid, masses, js_distance_matrix(masses), matvecs,
+        tuple(results), grid, masses, js_distance_matrix(masses), matvecs, sigma,
         {"groups": groups if isinstance(groups, str) else dict(groups), "k": k, "num_probes": num_probes,
          "num_steps": num_steps, "num_points": num_points, "tol": tol},
     )

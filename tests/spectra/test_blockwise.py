@@ -82,11 +82,27 @@ def test_block_js_distance_equals_brute_force_on_a_fine_uniform_grid():
     H = DenseOperator(torch.diag(ev), blocks=make_blocks(["a", "b"], [(30,), (20,)]))
     res = block_spectra(H, k=1, num_probes=3, num_steps=12, generator=torch.Generator().manual_seed(1))
     t = torch.linspace(-5.0, 50.0, 100_001, dtype=torch.float64)
-    rows = [b.density.evaluate(t, sigma=b.density.default_sigma(), normalize=False)[1].numpy() for b in res.blocks]
+    rows = [b.density.evaluate(t, sigma=res.sigma, normalize=False)[1].numpy() for b in res.blocks]
     brute = jensenshannon(rows[0], rows[1])
     assert abs(float(res.js_distances[0, 1]) - brute) < 2e-3
     assert res.heterogeneity == pytest.approx(float(res.js_distances[0, 1]))
     torch.testing.assert_close(res.masses.sum(1), torch.ones(2, dtype=torch.float64))
+
+
+def test_subnormal_masses_give_a_finite_distance():
+    p = torch.tensor([0.5, 0.5, 5e-324], dtype=torch.float64)
+    q = torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64)
+    assert js_distance(p, q) == 0.0
+
+
+def test_blocks_at_different_tiny_scales_are_alike_under_one_kernel():
+    M = torch.zeros(9, 9, dtype=torch.float64)
+    M[:3, :3] = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    M[6:, 6:] = 1e-10 * torch.diag(torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64))
+    H = DenseOperator(M, blocks=make_blocks(["a", "zero", "tiny"], [(3,), (3,), (3,)]))
+    res = block_spectra(H, k=1, num_steps=5, generator=torch.Generator().manual_seed(0))
+    assert float(res.js_distances[1, 2]) < 1e-6 and float(res.js_distances[0, 1]) > 0.5
+    assert torch.isfinite(res.js_distances).all()
 
 
 def test_identical_blocks_have_zero_distance_and_seeded_runs_repeat():
