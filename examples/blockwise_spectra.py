@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "figures"))
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    steps = 12 if args.quick else 40
+    steps = 12 if args.quick else 24
     lm = char_transformer(seed=args.seed, quick=args.quick)
     cnn = digits_cnn(seed=args.seed, quick=args.quick)
     a = analyse(lm, num_steps=steps, num_probes=1, seed=args.seed, title="character transformer",
