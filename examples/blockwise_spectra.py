@@ -41,10 +41,15 @@ def analyse(problem, *, num_steps: int, num_probes: int, seed: int, title: str, 
     res = spectra.block_spectra(H, groups="parameter", k=3, num_probes=num_probes, num_steps=num_steps,
                                 generator=torch.Generator().manual_seed(seed))
     seconds = time.perf_counter() - t0
+    torch.save({"result": res, "title": title, "d": H.shape[0], "seconds": seconds}, path[:-4] + ".pt")
+    return report(res, title=title, d=H.shape[0], seconds=seconds, path=path)
+
+
+def report(res, *, title: str, d: int, seconds: float, path: str):
     by_kind = {}
     for b in res.blocks:
         by_kind.setdefault(b.kind, []).append(b)
-    print(f"\n{title}: {len(res.blocks)} parameter blocks, d = {H.shape[0]:,}, {seconds:.0f} s")
+    print(f"\n{title}: {len(res.blocks)} parameter blocks, d = {d:,}, {seconds:.0f} s")
     print(f"  heterogeneity (mean JS distance over pairs of blocks): {res.heterogeneity:.4f}")
     for kind, blocks in by_kind.items():
         tops = ", ".join(f"{float(b.eigenvalues[0]):.3g}" for b in blocks)
@@ -60,8 +65,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short training, fewer Lanczos steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "figures"))
+    parser.add_argument("--replot", action="store_true", help="redraw from the saved results (.pt) in --out")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.replot:
+        for name in ("charlm", "digits"):
+            path = os.path.join(args.out, f"blockwise_spectra_{name}.png")
+            saved = torch.load(path[:-4] + ".pt", weights_only=False)
+            report(saved["result"], title=saved["title"], d=saved["d"], seconds=saved["seconds"], path=path)
+        return
     steps = 12 if args.quick else 24
     lm = char_transformer(seed=args.seed, quick=args.quick)
     cnn = digits_cnn(seed=args.seed, quick=args.quick)

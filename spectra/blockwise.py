@@ -49,7 +49,7 @@ _KIND_RULES: tuple[tuple[str, str], ...] = (
     ("attention query", r"(^|\.)(q|q_proj|query|wq|to_q)(\.|$)"),
     ("attention key", r"(^|\.)(k|k_proj|key|wk|to_k)(\.|$)"),
     ("attention value", r"(^|\.)(v|v_proj|value|wv|to_v)(\.|$)"),
-    ("attention output", r"(attn|attention)\w*\.(c_proj|o_proj|out_proj|proj|o|wo|output\.dense|dense)(\.|$)"),
+    ("attention output", r"(attn|attention)\w*\.(c_proj|o_proj|out_proj|out|proj|o|wo|output\.dense|dense)(\.|$)"),
     ("mlp", r"(^|\.)(mlp|ffn|feed_forward|intermediate|c_fc|fc\d*|linear[12]|up_proj|down_proj|gate_proj|w[123])"
             r"(\.|$)|output\.dense"),
     ("head", r"(^|\.)(lm_head|head|classifier|decoder|out)(\.|$)"),

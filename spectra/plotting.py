@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -189,7 +190,7 @@ _KIND_COLORS = {
 def plot_block_spectra(
     spectra: Any,
     *,
-    ncols: int = 4,
+    ncols: int | None = None,
     floor: float = 1e-6,
     max_label: int = 28,
     title: str | None = None,
@@ -213,6 +214,8 @@ def plot_block_spectra(
 
     blocks = list(spectra.blocks)
     n = len(blocks)
+    if ncols is None:  # about square panels overall: 4 columns for 8 blocks, 7 for 38
+        ncols = min(8, max(4, math.ceil(math.sqrt(1.3 * n))))
     ncols = max(1, min(ncols, n))
     nrows = -(-n // ncols)
     panel_w, panel_h = 2.5, 1.75
@@ -242,7 +245,8 @@ def plot_block_spectra(
             ax.spines[side].set_visible(False)
     for ax in axes[n:]:
         ax.set_visible(False)
-    left.supxlabel("eigenvalue λ of the diagonal block  (dashed: top eigenvalues)", fontsize=8.5)
+    left.supxlabel("eigenvalue λ of the diagonal block, each on its own scale and kernel width"
+                   "  (dashed: top eigenvalues)", fontsize=8.5)
     left.supylabel(f"SLQ density (log, floor {floor:g})", fontsize=8.5)
 
     ax = right.subplots()
@@ -256,8 +260,9 @@ def plot_block_spectra(
         tick.set_color(_KIND_COLORS.get(b.kind, _GREY))
     for tick, b in zip(ax.get_xticklabels(), blocks):
         tick.set_color(_KIND_COLORS.get(b.kind, _GREY))
-    right.colorbar(im, ax=ax, shrink=0.8, label="Jensen-Shannon distance (max √ln2)")
-    ax.set_title(f"JS distance between block densities\nmean over pairs = {spectra.heterogeneity:.3f}", fontsize=9)
+    right.colorbar(im, ax=ax, shrink=0.55, label="Jensen-Shannon distance (max √ln2)")
+    ax.set_title(f"JS distance between block densities (one kernel, σ = {spectra.sigma:.3g})\n"
+                 f"heterogeneity (mean over pairs) = {spectra.heterogeneity:.3f}", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=11)
     return fig
