@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..losses import TokenCrossEntropyLoss
+from curvature import TokenCrossEntropyLoss
+
 from .problem import Problem
 
 __all__ = ["CausalSelfAttention", "CharTransformer", "char_transformer", "load_pydoc_text", "encode_text"]
