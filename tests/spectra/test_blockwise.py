@@ -135,3 +135,15 @@ def test_plot_draws_every_block(tmp_path):
     fig = res.plot()
     fig.savefig(tmp_path / "blocks.png")
     assert (tmp_path / "blocks.png").stat().st_size > 1000
+
+
+def test_converged_flags_are_honest_when_the_run_does_not_cover_the_block():
+    ev = torch.cat([torch.tensor([100.0, 50.0]), torch.linspace(0.0, 1.0, 198)]).double()
+    ev2 = torch.linspace(0.0, 1.0, 200).double()  # no gap: the top Ritz values converge slowly
+    H = DenseOperator(torch.diag(torch.cat([ev, ev2])), blocks=make_blocks(["gap", "flat"], [(200,), (200,)]))
+    res = block_spectra(H, k=2, num_steps=12, tol=1e-6, generator=torch.Generator().manual_seed(0))
+    gap, flat = res["gap"], res["flat"]
+    assert gap.converged.all()
+    torch.testing.assert_close(gap.eigenvalues, torch.tensor([100.0, 50.0], dtype=torch.float64), rtol=0, atol=1e-6)
+    assert not flat.converged.all()
+    assert gap.density.num_steps == 13 and gap.dim == 200
