@@ -35,6 +35,11 @@ from curvature.app.builtin_lm import char_transformer
 matplotlib.use("Agg")
 
 
+#: Kernel widths at which both models are compared (one absolute width, the same for both models;
+#: 0.00316 is Zhang et al.'s).
+COMMON_SIGMAS = (0.00316, 0.01, 0.03)
+
+
 def analyse(problem, *, num_steps: int, num_probes: int, seed: int, title: str, path: str):
     H = Hessian(problem.model, problem.loss_fn, problem.data)
     t0 = time.perf_counter()
@@ -50,7 +55,9 @@ def report(res, *, title: str, d: int, seconds: float, path: str):
     for b in res.blocks:
         by_kind.setdefault(b.kind, []).append(b)
     print(f"\n{title}: {len(res.blocks)} parameter blocks, d = {d:,}, {seconds:.0f} s")
-    print(f"  heterogeneity (mean JS distance over pairs of blocks): {res.heterogeneity:.4f}")
+    print(f"  heterogeneity (mean JS distance over pairs of blocks): {res.heterogeneity:.4f} at the default "
+          f"kernel σ = {res.sigma:.3g}; " + ", ".join(f"{res.with_sigma(s).heterogeneity:.3f} at σ = {s:g}"
+                                                   for s in COMMON_SIGMAS))
     for kind, blocks in by_kind.items():
         tops = ", ".join(f"{float(b.eigenvalues[0]):.3g}" for b in blocks)
         print(f"  {kind:>17}: top eigenvalue per block {tops}")
@@ -81,7 +88,9 @@ def main() -> None:
                 path=os.path.join(args.out, "blockwise_spectra_charlm.png"))
     b = analyse(cnn, num_steps=steps, num_probes=1, seed=args.seed, title="digits CNN",
                 path=os.path.join(args.out, "blockwise_spectra_digits.png"))
-    print(f"\nheterogeneity: transformer {a.heterogeneity:.4f}, CNN {b.heterogeneity:.4f}")
+    for s in COMMON_SIGMAS:
+        print(f"heterogeneity at σ = {s:g}: transformer {a.with_sigma(s).heterogeneity:.4f}, "
+              f"CNN {b.with_sigma(s).heterogeneity:.4f}")
 
 
 if __name__ == "__main__":

@@ -215,11 +215,11 @@ def plot_block_spectra(
     blocks = list(spectra.blocks)
     n = len(blocks)
     if ncols is None:  # about square panels overall: 4 columns for 8 blocks, 7 for 38
-        ncols = min(8, max(4, math.ceil(math.sqrt(1.3 * n))))
+        ncols = min(6, max(4, math.ceil(math.sqrt(n))))
     ncols = max(1, min(ncols, n))
     nrows = -(-n // ncols)
     panel_w, panel_h = 2.5, 1.75
-    heat = max(4.2, min(0.22 * n + 2.5, 9.0))
+    heat = max(4.2, min(0.2 * n + 2.5, 8.0))
     fig = plt.figure(figsize=(ncols * panel_w + heat + 0.6, max(nrows * panel_h + 0.9, heat)), layout="constrained")
     left, right = fig.subfigures(1, 2, width_ratios=[ncols * panel_w, heat + 0.6])
     axes = np.atleast_1d(left.subplots(nrows, ncols, squeeze=False)).ravel()
@@ -251,7 +251,8 @@ def plot_block_spectra(
 
     ax = right.subplots()
     D = spectra.js_distances.numpy()
-    im = ax.imshow(D, cmap="magma_r", vmin=0.0, vmax=float(np.sqrt(np.log(2.0))))
+    # Scaled to the largest distance so small heterogeneity still shows (the bound is √ln2 ≈ 0.83).
+    im = ax.imshow(D, cmap="magma_r", vmin=0.0, vmax=max(float(D.max()), 1e-3))
     labels = [short(b.name) for b in blocks]
     fs = 7 if n <= 20 else 5.5 if n <= 40 else 4.5
     ax.set_xticks(range(n), labels, rotation=90, fontsize=fs)
@@ -260,7 +261,7 @@ def plot_block_spectra(
         tick.set_color(_KIND_COLORS.get(b.kind, _GREY))
     for tick, b in zip(ax.get_xticklabels(), blocks):
         tick.set_color(_KIND_COLORS.get(b.kind, _GREY))
-    right.colorbar(im, ax=ax, shrink=0.55, label="Jensen-Shannon distance (max √ln2)")
+    right.colorbar(im, ax=ax, shrink=0.55, label="Jensen-Shannon distance (bound √ln2 ≈ 0.83)")
     ax.set_title(f"JS distance between block densities (one kernel, σ = {spectra.sigma:.3g})\n"
                  f"heterogeneity (mean over pairs) = {spectra.heterogeneity:.3f}", fontsize=9)
     if title:
