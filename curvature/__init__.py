@@ -24,6 +24,7 @@ from .losses import TokenCrossEntropyLoss
 from .mfac import MFACInverse, collect_gradients
 from .model_operator import ModelOperator
 from .outputs import select_output
+from .params import match_names, select_parameters
 from .precision import in_working_precision, working_dtype
 from .sliding_mfac import SlidingMFACInverse
 
@@ -43,6 +44,8 @@ __all__ = [
     "ModelOperator",
     "group_blocks_by_module",
     "make_blocks",
+    "match_names",
+    "select_parameters",
     "CGInfo",
     "CGInverse",
     "MINRESInverse",

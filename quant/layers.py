@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from curvature import BatchSource, call_model
+from curvature import BatchSource, call_model, match_names
 
 logger = logging.getLogger(__name__)
 
@@ -120,10 +120,18 @@ def quantizable_layers(model: nn.Module, layers: Sequence[str] | None = None) ->
     layers = list(layers)
     if not layers:
         raise ValueError("layers must name at least one layer")
+    known = [n for n, m in modules.items() if is_quantizable(m)]
+    # Glob patterns ("transformer.h.*.mlp.*") expand to the quantizable layers they match, a tied
+    # weight once (under its first module), as in the default selection.
+    weights = {n: id(modules[n].weight) for n in known}
+    first = {w: n for n, w in reversed(list(weights.items()))}
+    untied = [n for n in known if first[weights[n]] == n]
+    layers = [n for item in layers for n in ([item] if "*" not in item and "?" not in item and "[" not in item
+                                              else match_names(untied, item, what="layer", option="layers"))]
+    layers = list(dict.fromkeys(layers))
     out: dict[str, nn.Module] = {}
     for name in layers:
         if name not in modules or name == "":
-            known = [n for n, m in modules.items() if is_quantizable(m)]
             raise ValueError(f"layers: the model has no module named {name!r}; quantizable layers: {known}")
         w = getattr(modules[name], "weight", None)
         if not isinstance(w, nn.Parameter):

@@ -15,6 +15,7 @@ Example:
 """
 
 from . import analysis
+from .blockwise import BlockSpectra, BlockSpectrum, block_kind, block_spectra, js_distance
 from .density import SpectralDensity, SpectralSumEstimate, default_sigma
 from .eigsh import eigsh
 from .lanczos import LanczosResult, lanczos
@@ -25,6 +26,8 @@ from .results import EigenResult
 from .slq import slq
 
 __all__ = [
+    "BlockSpectra",
+    "BlockSpectrum",
     "EigenResult",
     "LanczosResult",
     "LossLandscape",
@@ -32,6 +35,9 @@ __all__ = [
     "SpectralDensity",
     "SpectralSumEstimate",
     "analysis",
+    "block_kind",
+    "block_spectra",
+    "js_distance",
     "dataset_loss",
     "default_sigma",
     "eigsh",

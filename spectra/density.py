@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -15,33 +13,10 @@ from torch import Tensor
 
 from estimators import Estimate
 
+from . import density_io, quadrature
+from .quadrature import KAPPA, as_f64, default_sigma
+
 __all__ = ["SpectralDensity", "SpectralSumEstimate", "default_sigma"]
-
-#: Papyan's (JMLR 2020, App. D.2) kernel parameter: Gaussians of neighbouring nodes meet at
-#: 1/KAPPA of their peak.
-KAPPA = 3.0
-#: Relative margin added on each side of the node range for the default grid.
-MARGIN = 0.05
-_FORMAT = "spectra.SpectralDensity/1"
-
-
-def default_sigma(lo: float, hi: float, num_steps: int, *, kappa: float = KAPPA) -> float:
-    """Default Gaussian standard deviation for a density from ``num_steps``-node quadratures.
-
-    Lin–Saad–Yang's heuristic as used by Papyan (App. D.2) and curvlinops: with the range
-    ``[lo, hi]`` widened by 5 % per side and ``m`` nodes, the spacing is ``h = width/(m − 1)``
-    and ``σ = h / √(8 ln κ)`` (``κ = 3``), so a Gaussian at distance ``h/2`` is ``1/κ`` of its
-    peak. About ``R/(3(m − 1))`` for a range ``R``; more steps give a sharper density.
-
-    Example:
-        >>> round(default_sigma(0.0, 1.0, 101), 5)
-        0.00371
-    """
-    width = (hi - lo) * (1 + 2 * MARGIN)
-    if width <= 0:
-        width = max(abs(lo), abs(hi), 1.0) * 1e-3
-    return width / (max(num_steps, 2) - 1) / math.sqrt(8 * math.log(kappa))
-
 
 @dataclass(frozen=True)
 class SpectralSumEstimate(Estimate):
@@ -70,14 +45,6 @@ class SpectralSumEstimate(Estimate):
     num_matvecs: int
     method: str = "slq"
     samples: Tensor | None = field(default=None, repr=False, compare=False)
-
-
-def _as_f64(x: Any) -> Tensor:
-    return (
-        torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x)
-        .detach()
-        .to("cpu", torch.float64)
-    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,7 +77,7 @@ class SpectralDensity:
     metadata: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        nodes, weights = _as_f64(self.nodes), _as_f64(self.weights)
+        nodes, weights = as_f64(self.nodes), as_f64(self.weights)
         if nodes.ndim == 1:
             nodes, weights = nodes[None], weights[None] if weights.ndim == 1 else weights
         if nodes.ndim != 2 or nodes.shape != weights.shape:
@@ -126,7 +93,7 @@ class SpectralDensity:
         norms = (
             torch.full((nodes.shape[0],), float(self.dim), dtype=torch.float64)
             if norms is None
-            else _as_f64(norms)
+            else as_f64(norms)
         )
         if norms.shape != (nodes.shape[0],):
             raise ValueError(
@@ -165,14 +132,9 @@ class SpectralDensity:
         """Quadrature nodes per probe (Lanczos steps ``m``)."""
         return int(self.nodes.shape[1])
 
-    def _support(self) -> Tensor:
-        # Zero-weight nodes come from restarts after a breakdown and carry no mass.
-        return self.nodes[self.weights > 0]
-
     def support(self) -> tuple[float, float]:
         """Smallest and largest node carrying weight (Ritz values lie inside ``[λ_min, λ_max]``)."""
-        s = self._support()
-        return float(s.min()), float(s.max())
+        return quadrature.support(self.nodes, self.weights)
 
     def default_sigma(self, *, kappa: float = KAPPA) -> float:
         """The kernel standard deviation :meth:`evaluate` uses by default (:func:`default_sigma`)."""
@@ -181,10 +143,8 @@ class SpectralDensity:
 
     def default_grid(self, *, sigma: float | None = None, num_points: int = 1024) -> Tensor:
         """Uniform grid over the node range plus ``max(5 % of the range, 5σ)`` on each side."""
-        lo, hi = self.support()
         sigma = self.default_sigma() if sigma is None else sigma
-        pad = max(MARGIN * (hi - lo), 5 * sigma)
-        return torch.linspace(lo - pad, hi + pad, num_points, dtype=torch.float64)
+        return quadrature.default_grid(self.nodes, self.weights, sigma, num_points)
 
     # ------------------------------------------------------------------ densities
     def evaluate(
@@ -227,16 +187,10 @@ class SpectralDensity:
             >>> round(float(torch.trapezoid(p, t)), 6)
             1.0
         """
-        sigma = self._resolve_sigma(sigma, sigma_squared)
-        t = (
-            self.default_grid(sigma=sigma, num_points=num_points)
-            if grid is None
-            else _check_grid(grid)
-        )
-        density = _mixture(t, self.nodes, self.weights, sigma)
-        if normalize:
-            density = _normalize(t, density, 1.0)
-        return t, density
+        sigma = quadrature.resolve_sigma(self.nodes, self.weights, sigma, sigma_squared)
+        grid = None if grid is None else quadrature.as_f64(grid)
+        return quadrature.broadened_density(self.nodes, self.weights, grid, sigma, num_points=num_points,
+                                            normalize=normalize)
 
     def evaluate_log(
         self,
@@ -278,54 +232,8 @@ class SpectralDensity:
             >>> round(float(torch.trapezoid(p, t)), 6)
             1.0
         """
-        if part not in ("abs", "positive", "negative"):
-            raise ValueError(f"part must be 'abs', 'positive' or 'negative', got {part!r}")
-        if not epsilon > 0:
-            raise ValueError(f"epsilon must be > 0, got {epsilon}")
-        weights = self.weights
-        if part == "positive":
-            weights = torch.where(self.nodes > 0, weights, torch.zeros_like(weights))
-        elif part == "negative":
-            weights = torch.where(self.nodes < 0, weights, torch.zeros_like(weights))
-        mass = float(weights.sum() / self.num_probes)
-        u = torch.log(self.nodes.abs() + epsilon)
-        live = u[self.weights > 0]
-        u_lo, u_hi = float(live.min()), float(live.max())
-        if sigma is None:
-            sigma = default_sigma(u_lo, u_hi, self.num_steps)
-        elif not sigma > 0:
-            raise ValueError(f"sigma must be > 0, got {sigma}")
-        if grid is None:
-            pad = max(MARGIN * (u_hi - u_lo), 5 * sigma)
-            grid_u = torch.linspace(u_lo - pad, u_hi + pad, num_points, dtype=torch.float64)
-            lam = torch.exp(grid_u) - epsilon
-            keep = lam > 0
-            grid_u, lam = grid_u[keep], lam[keep]
-        else:
-            lam = _check_grid(grid)
-            if (lam <= 0).any():
-                raise ValueError("grid for evaluate_log must be positive (it is |λ|)")
-            grid_u = torch.log(lam + epsilon)
-        density = _mixture(grid_u, u, weights, sigma) / (lam + epsilon)
-        if normalize and mass > 0:
-            density = _normalize(lam, density, mass)
-        return lam, density
-
-    def _resolve_sigma(self, sigma: float | None, sigma_squared: float | None) -> float:
-        if sigma is not None and sigma_squared is not None:
-            raise ValueError(
-                "give sigma (standard deviation) or sigma_squared (relative variance), not both"
-            )
-        if sigma_squared is not None:
-            if not sigma_squared > 0:
-                raise ValueError(f"sigma_squared must be > 0, got {sigma_squared}")
-            lo, hi = self.support()
-            return math.sqrt(sigma_squared * max(1.0, hi - lo))
-        if sigma is None:
-            return self.default_sigma()
-        if not sigma > 0:
-            raise ValueError(f"sigma must be > 0, got {sigma}")
-        return float(sigma)
+        return quadrature.log_density(self.nodes, self.weights, grid, sigma, epsilon=epsilon, part=part,
+                                      num_points=num_points, normalize=normalize)
 
     # ------------------------------------------------------------------ spectral sums
     def trace(self, f: Callable[[Tensor], Any] | None = None) -> SpectralSumEstimate:
@@ -342,13 +250,7 @@ class SpectralDensity:
             >>> dens.trace(lambda x: x**2).value
             5.0
         """
-        live = self.weights > 0
-        if f is None:
-            values = self.nodes
-        else:
-            values = torch.zeros_like(self.nodes)
-            values[live] = _as_f64(f(self.nodes[live]))
-        per_probe = self.probe_norms_sq * (self.weights * values).sum(1)
+        per_probe = quadrature.spectral_sum_samples(self.nodes, self.weights, self.probe_norms_sq, f)
         n = self.num_probes
         mean = float(per_probe.mean())
         stderr = float(per_probe.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.inf
@@ -403,28 +305,7 @@ class SpectralDensity:
 
         The file is written to a temporary name and renamed, so a crash never leaves a torn file.
         """
-        arrays = {
-            "nodes": self.nodes.numpy(),
-            "weights": self.weights.numpy(),
-            "probe_norms_sq": self.probe_norms_sq.numpy(),
-            "header": np.array(
-                json.dumps(
-                    {
-                        "format": _FORMAT,
-                        "dim": self.dim,
-                        "num_matvecs": self.num_matvecs,
-                        "metadata": self.metadata,
-                    }
-                )
-            ),
-        }
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as fh:
-            fh.write(buf.getvalue())
-        os.replace(tmp, path)
+        density_io.save_density(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SpectralDensity:
@@ -439,21 +320,7 @@ class SpectralDensity:
             >>> bool(torch.equal(SpectralDensity.load(path).weights, dens.weights))
             True
         """
-        with np.load(os.fspath(path), allow_pickle=False) as data:
-            header = json.loads(str(data["header"]))
-            if header.get("format") != _FORMAT:
-                raise ValueError(
-                    f"{os.fspath(path)!r} is not a saved SpectralDensity "
-                    f"(format {header.get('format')!r})"
-                )
-            return cls(
-                torch.from_numpy(data["nodes"].copy()),
-                torch.from_numpy(data["weights"].copy()),
-                int(header["dim"]),
-                torch.from_numpy(data["probe_norms_sq"].copy()),
-                int(header["num_matvecs"]),
-                header["metadata"],
-            )
+        return cls(*density_io.load_density_fields(path))
 
     # ------------------------------------------------------------------ plotting
     def plot(
@@ -503,36 +370,3 @@ class SpectralDensity:
             f"num_steps={self.num_steps}, "
             f"support=[{lo:.4g}, {hi:.4g}], num_matvecs={self.num_matvecs})"
         )
-
-
-def _check_grid(grid: Any) -> Tensor:
-    t = _as_f64(grid)
-    if t.ndim != 1 or t.numel() < 2:
-        raise ValueError(
-            f"grid must be a 1-D array of at least 2 points, got shape {tuple(t.shape)}"
-        )
-    if not torch.isfinite(t).all():
-        raise ValueError("grid contains NaN or inf")
-    return t
-
-
-def _mixture(
-    t: Tensor, nodes: Tensor, weights: Tensor, sigma: float, *, chunk: int = 1 << 22
-) -> Tensor:
-    """``(1/n_v) Σ_lk τ_lk g_σ(t − θ_lk)``, chunked over the grid to bound memory."""
-    live = weights > 0
-    theta, tau = nodes[live], weights[live] / nodes.shape[0]
-    out = torch.empty_like(t)
-    step = max(1, chunk // max(theta.numel(), 1))
-    norm = 1.0 / (sigma * math.sqrt(2 * math.pi))
-    for s in range(0, t.numel(), step):
-        z = (t[s : s + step, None] - theta[None, :]) / sigma
-        out[s : s + step] = (torch.exp(-0.5 * z * z) * tau).sum(1) * norm
-    return out
-
-
-def _normalize(t: Tensor, density: Tensor, mass: float) -> Tensor:
-    total = float(torch.trapezoid(density, t))
-    if total <= 0 or not math.isfinite(total):
-        raise ValueError("the density vanishes on the grid; widen the grid or increase sigma")
-    return density * (mass / total)

@@ -30,14 +30,27 @@ def _order(theta: Tensor, which: str) -> Tensor:
     return torch.argsort(theta.abs(), descending=True)
 
 
-def default_num_lanczos_vectors(k: int, d: int) -> int:
-    """Basis size used by :func:`eigsh` when none is given: ``min(d, max(2k + 1, k + 20))``."""
-    return min(d, max(2 * k + 1, k + 20))
+#: Memory the default basis may take (bytes): at GPT-2 small (d = 124M, 498 MB a vector in
+#: float32) the usual ``k + 20`` vectors would take 12 GB.
+BASIS_BUDGET = 4 << 30
 
 
-def _basis_size(num_lanczos_vectors: int | None, k: int, d: int) -> int:
+def default_num_lanczos_vectors(k: int, d: int, itemsize: int = 8) -> int:
+    """Basis size used by :func:`eigsh` when none is given: ``min(d, max(2k + 1, k + 20))``,
+    reduced to what fits :data:`BASIS_BUDGET` (at least ``k + 2`` vectors).
+
+    Example:
+        >>> default_num_lanczos_vectors(5, 10_000), default_num_lanczos_vectors(5, 124_439_808, 4)
+        (25, 7)
+    """
+    wanted = min(d, max(2 * k + 1, k + 20))
+    fits = BASIS_BUDGET // max(1, d * itemsize) - 1  # the basis holds m + 1 vectors
+    return min(wanted, max(fits, min(d, k + 2)))
+
+
+def _basis_size(num_lanczos_vectors: int | None, k: int, d: int, itemsize: int = 8) -> int:
     if num_lanczos_vectors is None:
-        return default_num_lanczos_vectors(k, d)
+        return default_num_lanczos_vectors(k, d, itemsize)
     m = check_count(num_lanczos_vectors, name="num_lanczos_vectors", dim=d)
     if m <= k and m < d:
         raise ValueError(f"num_lanczos_vectors={m} must exceed k={k} (or equal d={d})")
@@ -107,7 +120,9 @@ def eigsh(
         max_iter: cap on operator products (Lanczos steps) over all restarts; default
             ``max(1000, 30 · basis size)``. Pairs not converged by then are returned with
             ``converged=False``.
-        num_lanczos_vectors: basis size (ARPACK's ``ncv``); default ``min(d, max(2k + 1, k + 20))``.
+        num_lanczos_vectors: basis size (ARPACK's ``ncv``); default ``min(d, max(2k + 1, k + 20))``,
+            fewer (at least ``k + 2``) where that basis would exceed 4 GiB
+            (:func:`default_num_lanczos_vectors`).
         v0: start vector ``(d,)``; default a Rademacher vector from ``generator``.
         generator: source of the start vector and of restart vectors after a breakdown
             (default: a fresh OS-seeded generator; the global RNG is never used).
@@ -128,7 +143,7 @@ def eigsh(
     which = check_choice(which, name="which", choices=_WHICH)
     tol = check_tolerance(tol)
     generator = make_generator(generator, device)
-    m = _basis_size(num_lanczos_vectors, k, d)
+    m = _basis_size(num_lanczos_vectors, k, d, torch.empty((), dtype=dtype).element_size())
     max_steps = _step_cap(max_iter, m, k)
     q = _start_vector(v0, d, dtype, device, generator)
     bd_tol = default_breakdown_tol(dtype)

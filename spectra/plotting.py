@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import math
+from typing import Any
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .density import SpectralDensity
-
-__all__ = ["plot_density", "plot_landscape"]
+# This module draws results it is handed (duck-typed) and imports none of the modules defining
+# them, so the results can delegate their ``plot`` methods here without an import circle.
+__all__ = ["plot_block_spectra", "plot_density", "plot_landscape"]
 
 _BLUE = "#1f5fa8"
 _RED = "#c0392b"
@@ -56,7 +56,7 @@ def _mark_eigenvalues(ax: Any, values: np.ndarray, *, absolute: bool = False) ->
 
 
 def plot_density(
-    density: SpectralDensity,
+    density: Any,
     *,
     ax: Any = None,
     log: bool = True,
@@ -176,3 +176,94 @@ def plot_landscape(landscape: Any, *, ax: Any = None, title: str | None = None, 
     ax.set_title(title if title is not None else f"Loss around the current parameters (L = {landscape.base_loss:.4g})",
                  fontsize=10.5)
     return ax
+
+
+#: Colours of the block kinds (spectra.blockwise.block_kind), so a figure reads by role.
+_KIND_COLORS = {
+    "embedding": "#8e44ad", "attention query": "#1f5fa8", "attention key": "#2e86c1",
+    "attention value": "#48c9b0", "attention qkv": "#1f5fa8", "attention output": "#117a65",
+    "mlp": "#d35400", "layernorm": "#7f8c8d", "head": "#c0392b", "conv": "#1f5fa8",
+    "linear": "#d35400", "batchnorm": "#7f8c8d",
+}
+
+
+def plot_block_spectra(
+    spectra: Any,
+    *,
+    ncols: int | None = None,
+    floor: float = 1e-6,
+    max_label: int = 28,
+    title: str | None = None,
+) -> Any:
+    """One figure of blockwise spectra (a :class:`~spectra.BlockSpectra`): each block's SLQ
+    density on a log scale with its top eigenvalues, coloured by kind, and the matrix of
+    Jensen-Shannon distances between the blocks' densities. Returns the figure.
+
+    Example:
+        >>> import matplotlib
+        >>> matplotlib.use("Agg")
+        >>> from curvature import DenseOperator, make_blocks
+        >>> from spectra import block_spectra
+        >>> H = DenseOperator(torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64)),
+        ...                   blocks=make_blocks(["a", "b"], [(3,), (2,)]))
+        >>> fig = plot_block_spectra(block_spectra(H, k=1, num_steps=3, generator=torch.Generator().manual_seed(0)))
+        >>> len(fig.axes) >= 3
+        True
+    """
+    import matplotlib.pyplot as plt
+
+    blocks = list(spectra.blocks)
+    n = len(blocks)
+    if ncols is None:  # about square panels overall: 4 columns for 8 blocks, 7 for 38
+        ncols = min(6, max(4, math.ceil(math.sqrt(n))))
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    panel_w, panel_h = 2.5, 1.75
+    heat = max(4.2, min(0.2 * n + 2.5, 8.0))
+    fig = plt.figure(figsize=(ncols * panel_w + heat + 0.6, max(nrows * panel_h + 0.9, heat)), layout="constrained")
+    left, right = fig.subfigures(1, 2, width_ratios=[ncols * panel_w, heat + 0.6])
+    axes = np.atleast_1d(left.subplots(nrows, ncols, squeeze=False)).ravel()
+
+    def short(name: str) -> str:
+        return name if len(name) <= max_label else "…" + name[-(max_label - 1):]
+
+    for ax, b in zip(axes, blocks):
+        color = _KIND_COLORS.get(b.kind, _GREY)
+        grid_t, dens_t = b.density.evaluate()
+        grid, dens = grid_t.numpy(), dens_t.numpy()
+        ax.fill_between(grid, floor, dens + floor, color=color, alpha=0.25, linewidth=0)
+        ax.plot(grid, dens + floor, color=color, linewidth=1.2)
+        for lam in b.eigenvalues.tolist():
+            ax.axvline(lam, color=_RED, linestyle="--", linewidth=0.8, alpha=0.8)
+        ax.set_yscale("log")
+        ax.set_ylim(floor * 0.5, max(float(dens.max()) * 3, floor * 10))
+        ax.set_xlim(grid[0], grid[-1])
+        ax.set_title(f"{short(b.name)}\n{b.kind}, d = {b.dim:,}", fontsize=7.5)
+        ax.tick_params(labelsize=6.5)
+        ax.xaxis.get_offset_text().set_fontsize(6.5)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    left.supxlabel("eigenvalue λ of the diagonal block, each on its own scale and kernel width"
+                   "  (dashed: top eigenvalues)", fontsize=8.5)
+    left.supylabel(f"SLQ density (log, floor {floor:g})", fontsize=8.5)
+
+    ax = right.subplots()
+    D = spectra.js_distances.numpy()
+    # Scaled to the largest distance so small heterogeneity still shows (the bound is √ln2 ≈ 0.83).
+    im = ax.imshow(D, cmap="magma_r", vmin=0.0, vmax=max(float(D.max()), 1e-3))
+    labels = [short(b.name) for b in blocks]
+    fs = 7 if n <= 20 else 5.5 if n <= 40 else 4.5
+    ax.set_xticks(range(n), labels, rotation=90, fontsize=fs)
+    ax.set_yticks(range(n), labels, fontsize=fs)
+    for tick, b in zip(ax.get_yticklabels(), blocks):
+        tick.set_color(_KIND_COLORS.get(b.kind, _GREY))
+    for tick, b in zip(ax.get_xticklabels(), blocks):
+        tick.set_color(_KIND_COLORS.get(b.kind, _GREY))
+    right.colorbar(im, ax=ax, shrink=0.55, label="Jensen-Shannon distance (bound √ln2 ≈ 0.83)")
+    ax.set_title(f"JS distance between block densities (one kernel, σ = {spectra.sigma:.3g})\n"
+                 f"heterogeneity (mean over pairs) = {spectra.heterogeneity:.3f}", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig

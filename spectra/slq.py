@@ -23,6 +23,10 @@ logger = logging.getLogger(__name__)
 
 #: Memory the lockstep basis of one probe block may take by default (bytes).
 BASIS_BUDGET = 1 << 30
+#: Largest basis of ONE probe that ``reorthogonalize="auto"`` keeps for full reorthogonalization
+#: (bytes); above it (GPT-2 small: 124M parameters x 100 steps x 4 bytes = 50 GB) the run uses
+#: the O(d) three-term recurrence instead of running out of memory.
+FULL_REORTHOGONALIZATION_LIMIT = 4 << 30
 #: Largest default probe block.
 MAX_DEFAULT_BLOCK = 16
 #: Run settings a checkpoint must share with the run that resumes it.
@@ -134,7 +138,7 @@ def slq(
     progress: bool = False,
     checkpoint: str | os.PathLike | None = None,
     probe_batch_size: int | None = None,
-    reorthogonalize: Literal["full", "none"] = "full",
+    reorthogonalize: Literal["auto", "full", "none"] = "auto",
 ) -> SpectralDensity:
     """Estimate the eigenvalue density of ``op`` by stochastic Lanczos quadrature.
 
@@ -169,7 +173,10 @@ def slq(
         checkpoint: file to save finished probes to and resume from.
         probe_batch_size: probes per lockstep block; default as many as fit 1 GiB of basis, at
             most 16.
-        reorthogonalize: ``"full"`` (default) or ``"none"`` (see :func:`spectra.lanczos`).
+        reorthogonalize: ``"full"``, ``"none"`` (see :func:`spectra.lanczos`) or ``"auto"``
+            (default): full while one probe's basis, ``num_steps · d`` numbers, fits 4 GiB
+            (:data:`FULL_REORTHOGONALIZATION_LIMIT`), else none (memory ``O(d)``; the density stays
+            right in the weak sense but outliers get ghost copies, Spec 03 §2), with a warning.
 
     Returns:
         A :class:`SpectralDensity`.
@@ -186,10 +193,18 @@ def slq(
     num_steps = check_count(num_steps, name="num_steps")
     seed_from_user = generator is not None
     generator = make_generator(generator, A.device)
-    if reorthogonalize not in ("full", "none"):
-        raise ValueError(f"reorthogonalize must be 'full' or 'none', got {reorthogonalize!r}")
+    if reorthogonalize not in ("auto", "full", "none"):
+        raise ValueError(f"reorthogonalize must be 'auto', 'full' or 'none', got {reorthogonalize!r}")
     m = min(num_steps, d)
     itemsize = torch.empty((), dtype=A.dtype).element_size()
+    if reorthogonalize == "auto":
+        reorthogonalize = "full" if m * d * itemsize <= FULL_REORTHOGONALIZATION_LIMIT else "none"
+        if reorthogonalize == "none":
+            logger.warning(
+                "slq: the basis of one probe (%d steps x d=%d) would take %.1f GiB; running without "
+                "reorthogonalization (O(d) memory). Pass reorthogonalize='full' to insist.",
+                m, d, m * d * itemsize / 2**30,
+            )
     if probe_batch_size is None:
         probe_batch_size = max(
             1, min(num_probes, MAX_DEFAULT_BLOCK, BASIS_BUDGET // (m * d * itemsize))

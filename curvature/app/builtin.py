@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .builtin_lm import char_transformer
 from .problem import Problem
 
 __all__ = ["BUILTIN_PROBLEMS", "DigitsCNN", "digits_cnn", "make_cnn", "make_dataset", "synthetic_cnn"]
@@ -190,4 +191,5 @@ def synthetic_cnn(*, seed: int = 0, device: str | torch.device = "cpu", progress
 
 
 #: Built-in problems by ``--problem`` name (the first is the default).
-BUILTIN_PROBLEMS: dict[str, Callable[..., Problem]] = {"digits": digits_cnn, "synthetic": synthetic_cnn}
+BUILTIN_PROBLEMS: dict[str, Callable[..., Problem]] = {"digits": digits_cnn, "synthetic": synthetic_cnn,
+                                                       "charlm": char_transformer}

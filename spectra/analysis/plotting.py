@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .batch_scaling import BatchScalingResult
-    from .decompose import Decomposition
-    from .hyperparameters import HyperparameterSuggestion
-    from .outliers import OutlierReport
+# The results (OutlierReport, Decomposition, BatchScalingResult, HyperparameterSuggestion) are
+# drawn duck-typed: this module imports none of the analyses, so their ``plot`` methods can
+# delegate here without an import circle.
 
 __all__ = ["plot_batch_scaling", "plot_decomposition", "plot_hyperparameters", "plot_outliers"]
 
@@ -36,7 +34,7 @@ def _style(ax: Any) -> None:
     ax.tick_params(labelsize=9)
 
 
-def plot_outliers(report: OutlierReport, *, axes: Any = None, log: bool = True, floor: float = 1e-7) -> list:
+def plot_outliers(report: Any, *, axes: Any = None, log: bool = True, floor: float = 1e-7) -> list:
     """Density with outliers marked and bulk shaded; scree plot of the top values with the cut.
 
     Example:
@@ -108,7 +106,7 @@ def plot_outliers(report: OutlierReport, *, axes: Any = None, log: bool = True, 
     return [ax_d, ax_s]
 
 
-def plot_decomposition(dec: Decomposition, *, axes: Any = None) -> list:
+def plot_decomposition(dec: Any, *, axes: Any = None) -> list:
     """Extreme eigenvalues of H, G, R on a symlog axis; the G/R split of H's extreme values."""
     ax_e, ax_b = _axes(axes, 2, (11.0, 4.0))
     colors = {"H": _BLUE, "G": _GREEN, "R": _ORANGE}
@@ -151,7 +149,7 @@ def plot_decomposition(dec: Decomposition, *, axes: Any = None) -> list:
     return [ax_e, ax_b]
 
 
-def plot_batch_scaling(res: BatchScalingResult, *, axes: Any = None) -> list:
+def plot_batch_scaling(res: Any, *, axes: Any = None) -> list:
     """Log-log ``λ_max`` against ``B`` with error bars and the fits; implied learning rates."""
     ax_l, ax_r = _axes(axes, 2, (11.0, 4.0))
     B = np.asarray(res.batch_sizes, dtype=np.float64)
@@ -193,7 +191,7 @@ def plot_batch_scaling(res: BatchScalingResult, *, axes: Any = None) -> list:
     return [ax_l, ax_r]
 
 
-def plot_hyperparameters(s: HyperparameterSuggestion, *, ax: Any = None, floor: float = 1e-7) -> Any:
+def plot_hyperparameters(s: Any, *, ax: Any = None, floor: float = 1e-7) -> Any:
     """The quadrature density on a log axis with ``μ`` and ``L`` marked and the rates written."""
     (ax,) = _axes(ax, 1, (6.4, 4.0))
     if s.density is not None:
