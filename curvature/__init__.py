@@ -1,7 +1,61 @@
-"""curvature: matrix-free second-order curvature operators for PyTorch models.
+"""curvature: matrix-free second-order curvature of PyTorch models (the operator core).
 
-Operators (``Hessian``, ``GGN``, ``Fisher``, ``EmpiricalFisher``) act on flat parameter-space
-vectors ``(d,)`` or blocks ``(d, k)`` with ``@``; see :class:`LinearOperator`.
+Every operator is a square matrix that is only applied: ``op @ v`` for ``(d,)`` vectors and
+``op @ V`` for ``(d, k)`` blocks (one autodiff pass per batch serves all ``k`` columns). Guides:
+``docs/operators.md``, ``docs/concepts/curvature-matrices.md``.
+
+Curvature operators of (model, loss, data)
+==========================================
+- :class:`Hessian`, :class:`GGN`, :class:`Fisher`, :class:`EmpiricalFisher` -- the curvature of
+  the loss over all samples (batches weighted by the loss's own normalizer)
+- :class:`ModelOperator` -- their common base (parameters, loss, data, graph cache)
+- :class:`TokenCrossEntropyLoss` -- the causal-LM loss (shifted, ``-100`` padding)
+- :mod:`curvature.backends`, :class:`NoDoubleBackwardError` -- how a block of products is
+  computed (``loop``, ``vmap``, ``forward_over_reverse``, ``finite_difference``, ``auto``)
+
+The operator contract
+=====================
+- :class:`LinearOperator`, :class:`DenseOperator`, :func:`as_operator` -- anything with
+  ``shape``, ``dtype``, ``device`` and ``@`` (tensors, NumPy arrays, SciPy operators)
+- :class:`Block`, :func:`make_blocks`, :func:`group_blocks_by_module` -- named parameter blocks
+  of the flat vector
+
+Inverses
+========
+- :func:`inverse`, :class:`CGInverse`, :class:`MINRESInverse`, :class:`CGInfo`,
+  :class:`SolveProgress`, :class:`NegativeCurvatureError` -- damped inverses ``(A + λI)⁻¹``
+- :class:`MFACInverse`, :class:`SlidingMFACInverse`, :func:`collect_gradients` -- M-FAC inverses
+  of the empirical Fisher of ``m`` gradients
+
+Data, parameters and model outputs (the shared plumbing)
+========================================================
+- :class:`BatchSource`, :class:`Batch`, :func:`batch_weight`, :class:`EmptyDataError` -- the one
+  batch source and weighting
+- :func:`call_model`, :func:`select_output`, :func:`map_tensors` -- calling a model on tensor,
+  tuple or dict inputs; picking the loss's input from its output; walking nested batches
+- :func:`select_parameters`, :func:`match_names` -- parameters by name, glob pattern, tensor or
+  predicate
+- :func:`working_dtype`, :func:`in_working_precision` -- precision of iterative methods on
+  half-precision operators
+
+Several processes
+=================
+- :class:`DataParallelOperator`, :func:`unwrap_data_parallel`, :func:`assert_same_across_ranks`,
+  :class:`DistributedCurvatureError` -- data-parallel products over ``torch.distributed``
+  (FSDP: :mod:`curvature.fsdp`)
+
+Also public: :mod:`curvature.checks` (argument checks), :mod:`curvature.probes` (randomness),
+:mod:`curvature.losses`, :mod:`curvature.optim` (optimizers), :mod:`curvature.app` (the command).
+
+Examples:
+    >>> import torch
+    >>> from torch import nn
+    >>> from curvature import Hessian
+    >>> model = nn.Linear(3, 2)
+    >>> data = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    >>> H = Hessian(model, nn.CrossEntropyLoss(), data)
+    >>> H.shape, (H @ torch.ones(8)).shape
+    ((8, 8), torch.Size([8]))
 """
 
 from . import backends
@@ -29,43 +83,43 @@ from .precision import in_working_precision, working_dtype
 from .sliding_mfac import SlidingMFACInverse
 
 __all__ = [
-    "DataParallelOperator",
-    "DistributedCurvatureError",
-    "assert_same_across_ranks",
-    "unwrap_data_parallel",
-    "Block",
-    "Batch",
-    "BatchSource",
-    "batch_weight",
-    "EmptyDataError",
-    "call_model",
-    "map_tensors",
-    "select_output",
+    "Hessian",
+    "GGN",
+    "Fisher",
+    "EmpiricalFisher",
     "ModelOperator",
-    "group_blocks_by_module",
+    "TokenCrossEntropyLoss",
+    "backends",
+    "NoDoubleBackwardError",
+    "LinearOperator",
+    "DenseOperator",
+    "as_operator",
+    "Block",
     "make_blocks",
-    "match_names",
-    "select_parameters",
-    "CGInfo",
+    "group_blocks_by_module",
+    "inverse",
     "CGInverse",
     "MINRESInverse",
-    "NegativeCurvatureError",
+    "CGInfo",
     "SolveProgress",
-    "NoDoubleBackwardError",
-    "backends",
+    "NegativeCurvatureError",
     "MFACInverse",
     "SlidingMFACInverse",
     "collect_gradients",
-    "inverse",
-    "DenseOperator",
-    "EmpiricalFisher",
-    "Fisher",
-    "GGN",
-    "Hessian",
-    "LinearOperator",
-    "as_operator",
-    "in_working_precision",
+    "BatchSource",
+    "Batch",
+    "batch_weight",
+    "EmptyDataError",
+    "call_model",
+    "select_output",
+    "map_tensors",
+    "select_parameters",
+    "match_names",
     "working_dtype",
-    "TokenCrossEntropyLoss",
+    "in_working_precision",
+    "DataParallelOperator",
+    "unwrap_data_parallel",
+    "assert_same_across_ranks",
+    "DistributedCurvatureError",
 ]
 __version__ = "0.2.0"

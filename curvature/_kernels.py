@@ -44,7 +44,7 @@ def differentiable_kernels() -> Iterator[None]:
     and restored by the last to leave. While any block is active, attention in OTHER threads of
     the process also runs on the reference kernels (the flags are global).
 
-    Example:
+    Examples:
         >>> before = torch.backends.mha.get_fastpath_enabled()
         >>> with differentiable_kernels():
         ...     torch.backends.mha.get_fastpath_enabled()

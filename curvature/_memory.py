@@ -36,7 +36,7 @@ def _proc_kib(path: str, field: str) -> int | None:
 def free_memory(device: torch.device | str) -> int | None:
     """Bytes available on ``device`` (``None`` when unknown).
 
-    Example:
+    Examples:
         >>> isinstance(free_memory("cpu"), (int, type(None)))
         True
     """
@@ -71,7 +71,7 @@ def default_memory_budget(device: torch.device | str) -> int:
     64 MiB), and at most a quarter of the available memory, so a Hessian trace's peak stays
     within 1.2x of a one-column-at-a-time implementation's (see :data:`CPU_GROWTH`).
 
-    Example:
+    Examples:
         >>> default_memory_budget("cpu") >= 64 << 20
         True
     """

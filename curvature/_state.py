@@ -31,7 +31,7 @@ _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 def tensor_fingerprint(tensors: Sequence[Tensor]) -> Tensor | None:
     """One int64 per tensor: the sum of its entries' bit patterns (``None`` for no tensors).
 
-    Example:
+    Examples:
         >>> a = torch.ones(3)
         >>> f = tensor_fingerprint([a])
         >>> a.data.add_(1e-7)  # invisible to the version counter
@@ -91,7 +91,7 @@ def state_structure(model: nn.Module, tensors: list[Tensor] | None = None) -> tu
 def capture_state(model: nn.Module) -> ModelState:
     """The :class:`ModelState` of ``model`` now.
 
-    Example:
+    Examples:
         >>> m = nn.Linear(2, 2)
         >>> s = capture_state(m)
         >>> s.matches(capture_state(m)), s.matches(capture_state(m.train(False)))
@@ -176,7 +176,7 @@ def mode_dependent_modules(model: nn.Module) -> list[tuple[str, str]]:
     or differ from eval mode. Modules that never read the flag (Linear, Conv, activations,
     containers) are harmless in train mode.
 
-    Example:
+    Examples:
         >>> m = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1), nn.RReLU())
         >>> mode_dependent_modules(m.train())
         [('1', 'Dropout'), ('2', 'RReLU')]

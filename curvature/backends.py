@@ -26,7 +26,7 @@ loop if it turned out slower). An out-of-memory error in a batched backend falls
 Read a choice with ``op.backend_choice(k)``; pin one for every operator of that model, device
 and ``k`` with :func:`pin` (``op.backend_key(k)`` gives the key).
 
-Example:
+Examples:
     >>> import torch
     >>> from torch import nn
     >>> from curvature import Hessian
@@ -151,7 +151,7 @@ def model_signature(model: nn.Module, param_names: Sequence[str] = ()) -> str:
     """A short digest of the model's structure: module types, parameter and buffer shapes and
     dtypes, and the selected parameters (values do not enter it).
 
-    Example:
+    Examples:
         >>> model_signature(nn.Linear(2, 3)) == model_signature(nn.Linear(2, 3))
         True
         >>> model_signature(nn.Linear(2, 3)) == model_signature(nn.Linear(3, 3))
@@ -167,7 +167,7 @@ def select_by_medians(samples: Mapping[str, Sequence[float]], *, tolerance: floa
     """The backend with the smallest median time, except that the loop (the first of
     :data:`BACKENDS` present) is kept unless the best median is more than ``tolerance`` below its own.
 
-    Example:
+    Examples:
         >>> select_by_medians({"loop": [1.0, 1.0, 1.0], "vmap": [0.5, 3.0, 0.95]})
         'loop'
         >>> select_by_medians({"loop": [1.0, 1.1, 1.0], "vmap": [0.5, 0.6, 2.0]})
@@ -254,7 +254,7 @@ class BackendSelector:
             :func:`curvature._memory.default_memory_budget` of the device, read when needed).
         probe_batch_size: columns per batched pass when set (the operator's option).
 
-    Example:
+    Examples:
         >>> sel = BackendSelector("Demo", ("loop", "vmap"), backend="auto", deterministic=True)
         >>> sel.rule(4).backend, sel.rule(4).reason
         ('loop', 'deterministic=True')

@@ -20,7 +20,7 @@ class Block:
         shape: the parameter's shape.
         slice: where the parameter sits in the flat ``(d,)`` vector.
 
-    Example:
+    Examples:
         >>> b = Block("fc.weight", (3, 4), slice(0, 12))
         >>> b.numel, b.module
         (12, 'fc')
@@ -44,7 +44,7 @@ class Block:
 def make_blocks(names: Sequence[str], shapes: Sequence[Sequence[int]]) -> tuple[Block, ...]:
     """Consecutive blocks for parameters with the given names and shapes.
 
-    Example:
+    Examples:
         >>> [b.slice for b in make_blocks(["w", "b"], [(2, 3), (2,)])]
         [slice(0, 6, None), slice(6, 8, None)]
     """
@@ -62,7 +62,7 @@ def make_blocks(names: Sequence[str], shapes: Sequence[Sequence[int]]) -> tuple[
 def group_blocks_by_module(blocks: Sequence[Block]) -> dict[str, list[Block]]:
     """Group blocks by owning module, in first-appearance order (weight + bias = one layer).
 
-    Example:
+    Examples:
         >>> bl = make_blocks(["fc.weight", "fc.bias", "out.weight"], [(2, 2), (2,), (1, 2)])
         >>> {k: [b.name for b in v] for k, v in group_blocks_by_module(bl).items()}
         {'fc': ['fc.weight', 'fc.bias'], 'out': ['out.weight']}
@@ -79,7 +79,7 @@ def flatten_tensors(tensors: Sequence[Tensor], blocks: Sequence[Block]) -> Tenso
     Each tensor has its block's shape, optionally with one trailing column dimension ``k``
     (the same ``k`` for all).
 
-    Example:
+    Examples:
         >>> bl = make_blocks(["w", "b"], [(2, 2), (2,)])
         >>> flatten_tensors([torch.ones(2, 2), torch.zeros(2)], bl).tolist()
         [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
@@ -111,7 +111,7 @@ def flatten_tensors(tensors: Sequence[Tensor], blocks: Sequence[Block]) -> Tenso
 def unflatten_vector(vector: Tensor, blocks: Sequence[Block]) -> list[Tensor]:
     """Split a flat ``(d,)`` vector or ``(d, k)`` matrix into per-parameter tensors (views).
 
-    Example:
+    Examples:
         >>> bl = make_blocks(["w", "b"], [(2, 2), (2,)])
         >>> [tuple(t.shape) for t in unflatten_vector(torch.arange(6.0), bl)]
         [(2, 2), (2,)]

@@ -4,7 +4,7 @@ One place, so the same option is accepted and refused the same way everywhere: c
 integral type (Python ints, NumPy integers) but not ``bool``; real-valued options accept Python
 floats, NumPy scalars and 0-d tensors; every error names the argument and what was expected.
 
-Example:
+Examples:
     >>> import numpy as np
     >>> check_count(np.int64(3), name="k"), check_positive_float(1e-3, name="damping")
     (3, 0.001)
@@ -40,7 +40,7 @@ def check_count(value: Any, *, name: str, minimum: int = 1, dim: int | None = No
     """Return ``value`` as an ``int >= minimum`` (and ``<= dim``, the operator dimension, if given);
     ``TypeError`` for non-integers (and ``bool``).
 
-    Example:
+    Examples:
         >>> check_count(5, name="num_matvecs", minimum=2)
         5
         >>> check_count(4, name="k", dim=3)
@@ -63,7 +63,7 @@ def check_count(value: Any, *, name: str, minimum: int = 1, dim: int | None = No
 def check_optional_count(value: Any, *, name: str, minimum: int = 1) -> int | None:
     """:func:`check_count` that lets ``None`` through (meaning "choose a default").
 
-    Example:
+    Examples:
         >>> check_optional_count(None, name="probe_batch_size") is None
         True
     """
@@ -74,7 +74,7 @@ def check_real(value: Any, *, name: str, low: float = -math.inf, high: float = m
                low_open: bool = False, high_open: bool = False) -> float:
     """Return ``value`` as a finite float in the given interval (closed unless ``*_open``).
 
-    Example:
+    Examples:
         >>> check_real(0.9, name="beta", low=0, high=1, high_open=True)
         0.9
     """
@@ -96,7 +96,7 @@ def check_real(value: Any, *, name: str, low: float = -math.inf, high: float = m
 def check_positive_float(value: Any, *, name: str) -> float:
     """A finite float ``> 0``.
 
-    Example:
+    Examples:
         >>> check_positive_float(2, name="rho")
         2.0
     """
@@ -106,7 +106,7 @@ def check_positive_float(value: Any, *, name: str) -> float:
 def check_damping(value: Any, *, name: str = "damping") -> float:
     """A damping ``λ`` of ``(A + λI)``: a finite float ``> 0``.
 
-    Example:
+    Examples:
         >>> check_damping(1e-4)
         0.0001
     """
@@ -116,7 +116,7 @@ def check_damping(value: Any, *, name: str = "damping") -> float:
 def check_tolerance(value: Any, *, name: str = "tol") -> float:
     """A relative tolerance: a finite float ``> 0`` (``tol`` means a relative residual everywhere).
 
-    Example:
+    Examples:
         >>> check_tolerance(1e-6)
         1e-06
     """
@@ -126,7 +126,7 @@ def check_tolerance(value: Any, *, name: str = "tol") -> float:
 def check_rtol(value: Any, *, name: str = "rtol") -> float | None:
     """An early-stopping relative standard error (``None`` = no early stop).
 
-    Example:
+    Examples:
         >>> check_rtol(None) is None, check_rtol(0.01)
         (True, 0.01)
     """
@@ -136,7 +136,7 @@ def check_rtol(value: Any, *, name: str = "rtol") -> float | None:
 def check_betas(value: Any, *, name: str = "betas") -> tuple[float, float]:
     """A pair of exponential-average coefficients, each in ``[0, 1)`` (the optimizers' ``betas``).
 
-    Example:
+    Examples:
         >>> check_betas((0.9, 0.999))
         (0.9, 0.999)
     """
@@ -151,7 +151,7 @@ def check_betas(value: Any, *, name: str = "betas") -> tuple[float, float]:
 def check_choice(value: Any, *, name: str, choices: Sequence[str]) -> str:
     """One of ``choices`` (strings), else a ``ValueError`` listing them.
 
-    Example:
+    Examples:
         >>> check_choice("LA", name="which", choices=("LA", "SA"))
         'LA'
     """

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 def unwrap_compiled(model: nn.Module) -> nn.Module:
     """The module a ``torch.compile``'d model wraps (the model itself otherwise).
 
-    Example:
+    Examples:
         >>> m = nn.Linear(2, 1)
         >>> unwrap_compiled(m) is m
         True
@@ -46,7 +46,7 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
 def weight_norm_reference(v: Tensor, g: Tensor, dim: int) -> Tensor:
     """``g · v / ‖v‖`` with the norm over all dimensions but ``dim`` (all of them for ``dim=-1``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> v, g = torch.randn(3, 4, dtype=torch.float64), torch.rand(3, 1, dtype=torch.float64)
         >>> bool(torch.allclose(weight_norm_reference(v, g, 0), torch._weight_norm(v, g, 0)))
@@ -75,7 +75,7 @@ def exact_weight_norm(model: nn.Module) -> Iterator[None]:
     Only the model's own parametrization objects are changed (instance attributes), and they are
     restored on exit.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch.nn.utils.parametrizations import weight_norm
         >>> m = weight_norm(nn.Linear(2, 2))

@@ -5,7 +5,7 @@ and feeding them to the model.
 Every consumer of model data (the curvature operators, M-FAC's gradient collection, loss
 landscapes, the report) iterates a :class:`BatchSource`, so a batch is weighted the same way
 everywhere: the dataset curvature of a ``mean`` loss is ``sum_b w_b C_b / sum_b w_b`` with ``w_b``
-the batch's normaliser (its number of samples by default), and of a ``sum`` loss ``sum_b C_b``.
+the batch's normalizer (its number of samples by default), and of a ``sum`` loss ``sum_b C_b``.
 """
 
 from __future__ import annotations
@@ -38,14 +38,14 @@ class EmptyDataError(ValueError):
     """The data hold nothing to average over: no batches, or (for a ``mean`` loss) only batches of
     weight 0, such as batches whose targets are all ``ignore_index``.
 
-    Example:
+    Examples:
         >>> issubclass(EmptyDataError, ValueError)
         True
     """
 
 
-#: ``normaliser(inputs, targets) -> float``: the denominator of a ``mean`` loss on one batch.
-Normaliser = Callable[[Any, Any], float]
+#: ``normalizer(inputs, targets) -> float``: the denominator of a ``mean`` loss on one batch.
+NormalizerFn = Callable[[Any, Any], float]  # (inputs, targets) -> a mean loss's denominator
 
 
 def _is_inputs(x: Any) -> bool:
@@ -60,7 +60,7 @@ def is_single_batch(data: Any) -> bool:
     ``inputs`` is a tensor, a tuple of tensors (positional arguments) or a dict (keyword
     arguments); ``targets`` is a tensor.
 
-    Example:
+    Examples:
         >>> x, y = torch.zeros(4, 3), torch.zeros(4)
         >>> is_single_batch((x, y)), is_single_batch([(x, y), (x, y)])
         (True, False)
@@ -89,7 +89,7 @@ def as_batch_source(data: Any) -> Iterable[Any]:
 
     One-shot iterators (generators) are refused: every product iterates the data again.
 
-    Example:
+    Examples:
         >>> x, y = torch.zeros(4, 3), torch.zeros(4)
         >>> len(list(as_batch_source((x, y))))
         1
@@ -113,7 +113,7 @@ def as_batch_source(data: Any) -> Iterable[Any]:
 def batch_size(inputs: Any, targets: Any) -> int:
     """Number of samples in a batch: the leading dimension of the targets (else of the first input).
 
-    Example:
+    Examples:
         >>> batch_size(torch.zeros(4, 3), torch.zeros(4))
         4
     """
@@ -125,28 +125,28 @@ def batch_size(inputs: Any, targets: Any) -> int:
     raise ValueError("cannot tell the number of samples of a batch: targets and inputs have no batch dimension")
 
 
-def batch_weight(inputs: Any, targets: Any, *, reduction: str, normaliser: Normaliser | None = None) -> float:
+def batch_weight(inputs: Any, targets: Any, *, reduction: str, normalizer: NormalizerFn | None = None) -> float:
     """THE weight of one batch's curvature in the dataset's curvature (every consumer calls this).
 
     The dataset loss of a ``mean`` loss is ``sum_b w_b L_b / sum_b w_b``, where ``w_b`` is the
     denominator the loss divides by on batch ``b``: by default its number of samples
-    (:func:`batch_size`); a loss with its own normaliser (valid targets under ``ignore_index``,
+    (:func:`batch_size`); a loss with its own normalizer (valid targets under ``ignore_index``,
     the summed class weights of a weighted cross-entropy) passes it as
-    ``normaliser(inputs, targets)``. For a ``sum`` loss the batch losses add, so ``w_b = 1``.
+    ``normalizer(inputs, targets)``. For a ``sum`` loss the batch losses add, so ``w_b = 1``.
 
-    Example:
+    Examples:
         >>> x, y = torch.zeros(5, 3), torch.zeros(5)
         >>> batch_weight(x, y, reduction="mean"), batch_weight(x, y, reduction="sum")
         (5.0, 1.0)
-        >>> batch_weight(x, y, reduction="mean", normaliser=lambda x, y: 2.5)
+        >>> batch_weight(x, y, reduction="mean", normalizer=lambda x, y: 2.5)
         2.5
     """
     if reduction == "sum":
         return 1.0
     if reduction != "mean":
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if normaliser is not None:
-        return float(normaliser(inputs, targets))
+    if normalizer is not None:
+        return float(normalizer(inputs, targets))
     return float(batch_size(inputs, targets))
 
 
@@ -163,7 +163,7 @@ def map_tensors(fn: Callable[..., Any], obj: Any, *others: Any) -> Any:
 
     With ``others`` (structures of the same shape), ``fn`` takes the matching tensors of all.
 
-    Example:
+    Examples:
         >>> map_tensors(lambda t: t * 2, {"a": torch.ones(1), "n": 3})
         {'a': tensor([2.]), 'n': 3}
         >>> map_tensors(lambda a, b: a + b, (torch.ones(1),), (torch.ones(1),))
@@ -178,7 +178,7 @@ def map_tensors(fn: Callable[..., Any], obj: Any, *others: Any) -> Any:
 def move_to(obj: Any, device: torch.device) -> Any:
     """Move tensors (also inside tuples, lists and dicts) to ``device``.
 
-    Example:
+    Examples:
         >>> move_to({"a": torch.ones(1)}, torch.device("cpu"))["a"].device.type
         'cpu'
     """
@@ -188,7 +188,7 @@ def move_to(obj: Any, device: torch.device) -> Any:
 def call_model(model: nn.Module | Any, inputs: Any) -> Any:
     """Call ``model`` with a tensor, a tuple of tensors (positional) or a dict (keywords).
 
-    Example:
+    Examples:
         >>> call_model(lambda a, b: a + b, (torch.ones(1), torch.ones(1))).item()
         2.0
     """
@@ -202,7 +202,7 @@ def call_model(model: nn.Module | Any, inputs: Any) -> Any:
 def split_batch(batch: Any) -> tuple[Any, Any]:
     """Unpack one ``(inputs, targets)`` batch with a clear error for anything else.
 
-    Example:
+    Examples:
         >>> split_batch((1, 2))
         (1, 2)
     """
@@ -217,7 +217,7 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
 def slice_batch(obj: Any, index: slice) -> Any:
     """Take rows ``index`` (a slice of samples) of every tensor in ``obj`` (tensor, tuple, list, dict).
 
-    Example:
+    Examples:
         >>> slice_batch((torch.arange(4), {"m": torch.arange(8).view(4, 2)}), slice(1, 3))[1]["m"].tolist()
         [[2, 3], [4, 5]]
     """
@@ -227,7 +227,7 @@ def slice_batch(obj: Any, index: slice) -> Any:
 def batch_tensors(obj: Any) -> list[Tensor]:
     """All tensors of a batch structure, in a fixed order (for keys and fingerprints).
 
-    Example:
+    Examples:
         >>> len(batch_tensors(({"a": torch.ones(1), "b": torch.ones(2)}, torch.ones(3))))
         3
     """
@@ -264,13 +264,13 @@ class BatchSource:
             ``inputs`` may be a tensor, a tuple of tensors (positional) or a dict (keywords).
         reduction: ``"mean"`` or ``"sum"``, the loss's reduction (fixes :meth:`batch_weight`).
         device: where the yielded tensors go (``None``: left where they are).
-        normaliser: ``normaliser(inputs, targets)``, a ``mean`` loss's own denominator per batch
+        normalizer: ``normalizer(inputs, targets)``, a ``mean`` loss's own denominator per batch
             (default: the number of samples).
 
     :attr:`num_samples`, :attr:`num_batches` and :attr:`total_weight` are those of the last full
     pass (counted by a pass without device moves when asked before any).
 
-    Example:
+    Examples:
         >>> x, y = torch.zeros(10, 3), torch.zeros(10)
         >>> src = BatchSource([(x[:6], y[:6]), (x[6:], y[6:])], reduction="mean")
         >>> [(b.index, b.num_samples, b.weight) for b in src]
@@ -287,7 +287,7 @@ class BatchSource:
         *,
         reduction: str = "mean",
         device: torch.device | str | None = None,
-        normaliser: Normaliser | None = None,
+        normalizer: NormalizerFn | None = None,
     ):
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -295,13 +295,13 @@ class BatchSource:
         self.data = as_batch_source(data)
         self.reduction = reduction
         self.device = torch.device(device) if device is not None else None
-        self.normaliser = normaliser
+        self.normalizer = normalizer
         self._counts: tuple[int, int, float] | None = None
         self._moved: Any = None  # a single batch, moved once
 
     def batch_weight(self, inputs: Any, targets: Any) -> float:
         """This source's :func:`batch_weight` of one batch (the one place a batch is weighted)."""
-        return batch_weight(inputs, targets, reduction=self.reduction, normaliser=self.normaliser)
+        return batch_weight(inputs, targets, reduction=self.reduction, normalizer=self.normalizer)
 
     def _move(self, inputs: Any, targets: Any) -> tuple[Any, Any]:
         if self.device is None:
@@ -351,7 +351,7 @@ class BatchSource:
 
     @property
     def total_weight(self) -> float:
-        """Sum of the batch weights of one pass (the dataset normaliser of a ``mean`` loss)."""
+        """Sum of the batch weights of one pass (the dataset normalizer of a ``mean`` loss)."""
         return self._count()[2]
 
     def minibatches(self, size: int) -> Iterator[Batch]:

@@ -21,7 +21,7 @@ A product ``H @ V`` costs one local product over the rank's shard and two collec
    (so every rank learns every weight exactly, who failed, and whether the probes agree, and all
    reach the same verdict, so no rank is left waiting in a collective the others skipped);
 2. ONE all-reduce (``SUM``) of the ``k x d`` block of products as one flat buffer, each rank's
-   contribution scaled by ``w_r / sum_s w_s`` (``w_r``: the loss's normaliser over the rank's
+   contribution scaled by ``w_r / sum_s w_s`` (``w_r``: the loss's normalizer over the rank's
    shard, its number of samples by default), so uneven shards give the exact global mean
    ``sum_r w_r H_r / sum_r w_r``; for a ``sum`` loss the products just add.
 
@@ -88,7 +88,7 @@ def unwrap_data_parallel(model: nn.Module) -> nn.Module:
     the training), but its forward does not arm DDP's gradient hooks, and parameter names carry no
     ``module.`` prefix.
 
-    Example:
+    Examples:
         >>> m = nn.Linear(2, 1)
         >>> unwrap_data_parallel(nn.DataParallel(m)) is m, unwrap_data_parallel(m) is m
         (True, True)
@@ -108,7 +108,7 @@ def fingerprint(pieces: Sequence[Tensor]) -> tuple[float, float, float]:
     draws differ by about ``1 / sqrt(n k)`` of the third number. ``pieces`` are ``(n_i,)`` or
     ``(n_i, k)`` tensors with the same ``k``.
 
-    Example:
+    Examples:
         >>> a, b = fingerprint([torch.ones(3, 2)]), fingerprint([torch.ones(2, 2), torch.ones(1, 2)])
         >>> all(math.isclose(x, y) for x, y in zip(a, b)), a[1], fingerprint([-torch.ones(3, 2)])[0] == -a[0]
         (True, 6.0, True)
@@ -170,7 +170,7 @@ def assert_same_across_ranks(tensors: Sequence[Tensor], *, name: str = "tensors"
     M-FAC optimizer's gradient window (``opt.state[...]["mfac_window"]``), Sophia/AdaHessian's
     curvature EMAs or the parameters themselves. Collective: call it on every rank.
 
-    Example:
+    Examples:
         >>> import os, tempfile, torch.distributed as dist
         >>> dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "pg"),
         ...                         rank=0, world_size=1)
@@ -210,7 +210,7 @@ class DataParallelOperator(LinearOperator):
     Args:
         op: this rank's operator. A model operator (``Hessian``, ``GGN``, ``Fisher``,
             ``EmpiricalFisher`` over the rank's shard) weights itself: its weight is the loss's
-            normaliser summed over the shard (``op.batch_source.total_weight``: the number of
+            normalizer summed over the shard (``op.batch_source.total_weight``: the number of
             samples, valid targets under ``ignore_index``, ...), read after every product. Build
             it on :func:`unwrap_data_parallel` of a DDP model. Any other operator (e.g. an
             explicit local matrix) needs ``weight=``: its products are taken as the mean over
@@ -239,7 +239,7 @@ class DataParallelOperator(LinearOperator):
         rank, world_size: of the process group.
         num_samples, num_batches: totals over all ranks (model operators).
 
-    Example:
+    Examples:
         >>> import os, tempfile, torch.distributed as dist
         >>> init = "file://" + os.path.join(tempfile.mkdtemp(), "pg")
         >>> dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
@@ -276,7 +276,7 @@ class DataParallelOperator(LinearOperator):
             if weight is not None or reduction is not None:
                 raise ValueError(
                     "weight= and reduction= are for operators without data; a model operator weights itself "
-                    "by its loss's normaliser over its shard"
+                    "by its loss's normalizer over its shard"
                 )
             self.reduction = self.local.loss_info.reduction
         else:

@@ -23,10 +23,10 @@ class EmpiricalFisher(OutputSpaceOperator):
     For cross-entropy a "sample" is each position that has its own label (tokens of a sequence;
     ignored tokens none; a class weight ``w_y`` scales a token's loss and so its gradient); for
     MSE/BCE and any other loss it is a row of the outputs and ``g_n`` is the gradient of the
-    row's summed unit losses, ``Z * dL/dF_n``, with ``Z`` the loss's own normaliser (for an
+    row's summed unit losses, ``Z * dL/dF_n``, with ``Z`` the loss's own normalizer (for an
     element-wise mean written as a lambda, the number of elements, not of rows).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> _ = torch.manual_seed(0)
@@ -39,8 +39,8 @@ class EmpiricalFisher(OutputSpaceOperator):
 
     def __init__(self, model: nn.Module, loss_fn: Callable[..., Tensor], data: Any, **options: Any):
         super().__init__(model, loss_fn, data, **options)
-        # The residuals are scaled by the loss's normaliser even for one batch: it must be verified.
-        self._loss_normaliser.strict = True
+        # The residuals are scaled by the loss's normalizer even for one batch: it must be verified.
+        self._loss_normalizer.strict = True
 
     def _output_product(self, index: int, curvature: OutputCurvature, U: Tensor) -> Tensor:
         return curvature.outer_product(curvature.residuals(), U, overwrite=True)

@@ -42,7 +42,7 @@ _NO_DOUBLE_BACKWARD = re.compile(
 def lacks_double_backward(exc: BaseException) -> bool:
     """Whether ``exc`` is PyTorch's error for an op without a double backward.
 
-    Example:
+    Examples:
         >>> lacks_double_backward(RuntimeError("trying to differentiate twice a function that was "
         ...                                    "marked with @once_differentiable"))
         True
@@ -61,7 +61,7 @@ def once_differentiable_functions(output: Tensor) -> list[str]:
     path and the "Hessian" is wrong (0.82 relative error on a two-layer MLP with a once-differentiable
     tanh). So the graph is inspected before an exact product uses it.
 
-    Example:
+    Examples:
         >>> from torch.autograd.function import once_differentiable
         >>> class Square(torch.autograd.Function):
         ...     @staticmethod
@@ -117,7 +117,7 @@ def central_difference_step(params: Sequence[Tensor], v: Sequence[Tensor]) -> fl
     so the step is one scalar, and the coarsest dtype's rounding error (``ε/h``) dominates. 0
     for a zero column.
 
-    Example:
+    Examples:
         >>> h = central_difference_step([torch.ones(3, dtype=torch.float64)], [torch.ones(3, dtype=torch.float64)])
         >>> round(h / (torch.finfo(torch.float64).eps ** (1 / 3) * (1 + 3 ** 0.5) / 3 ** 0.5), 12)
         1.0
@@ -139,7 +139,7 @@ def central_difference_products(
     """``H V`` by central differences: ``gradient(θ')`` is the loss's gradient at parameters ``θ'``
     (a list shaped like ``params``); ``V`` holds the columns per parameter, ``(k, *shape)`` each.
 
-    Example:
+    Examples:
         >>> A = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
         >>> grad = lambda ps: [A @ ps[0]]          # the gradient of x^T A x / 2
         >>> theta = torch.zeros(2, dtype=torch.float64)

@@ -29,7 +29,7 @@ class Fisher(OutputSpaceOperator):
       OS-seeded generator, so two operators differ; pass a seeded one to reproduce), so every
       product sees the SAME estimate (a fixed symmetric matrix, as Lanczos and CG need).
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> _ = torch.manual_seed(0)
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))

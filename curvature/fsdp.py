@@ -48,7 +48,7 @@ def fsdp_hessian_products(
     re-iterable of batches, as for the operators) and its local shards of the columns: ``V[i]`` of
     shape ``(k, *p_i.to_local().shape)`` for the ``i``-th parameter that requires grad. Returns the
     local shards of ``H V`` in the same layout. Batches are weighted as the operators weight them
-    (a mean loss by its own normaliser: valid targets, summed class weights), summed over ranks.
+    (a mean loss by its own normalizer: valid targets, summed class weights), summed over ranks.
     Leaves ``p.grad`` cleared and the parameters bitwise as they were.
 
     Example (one process, a plain model: the same as ``Hessian(backend="finite_difference")``):

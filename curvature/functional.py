@@ -29,7 +29,7 @@ def with_parameters(model: nn.Module, names: Sequence[str], fn: Callable[[], Any
     input casts and output selection); parameters not in ``names`` and buffers keep their
     current values (detached), so ``torch.func`` transforms see only ``params``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> m = nn.Linear(2, 1)
         >>> f = with_parameters(m, ["weight"], lambda: m(torch.ones(1, 2)))

@@ -22,7 +22,7 @@ class GGN(OutputSpaceOperator):
     "loop"`` for the reverse-mode Jacobian products, see
     :class:`~curvature.output_space.OutputSpaceOperator`).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> _ = torch.manual_seed(0)

@@ -44,7 +44,7 @@ def measure_saved_bytes(build: Callable[[], Any], exclude: set[int]) -> tuple[An
     """Run ``build()`` and count the bytes of the distinct tensors its autograd graph saves,
     leaving out storages whose data pointers are in ``exclude`` (the model's own parameters and buffers).
 
-    Example:
+    Examples:
         >>> w = torch.ones(3, requires_grad=True)
         >>> _, size = measure_saved_bytes(lambda: torch.tanh(w).sum(), set())
         >>> size  # tanh saves its output: 3 float32
@@ -90,7 +90,7 @@ class GraphCache:
     Use: wrap each product pass in :meth:`product_pass`, call :meth:`register` for each batch
     the pass meets, and :meth:`get_or_build` to obtain a batch's graph.
 
-    Example:
+    Examples:
         >>> model = nn.Linear(2, 1)
         >>> cache = GraphCache(model, mode=True, by_content=True)
         >>> x = torch.ones(4, 2)

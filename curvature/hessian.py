@@ -74,7 +74,7 @@ class Hessian(SelectsBackend, ModelOperator):
             peak of a product is then that graph plus one column's second backward (loop) or
             plus ``memory_budget`` at most (batched backends).
 
-    Example:
+    Examples:
         >>> _ = torch.manual_seed(0)
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
         >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))

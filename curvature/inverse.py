@@ -121,7 +121,7 @@ class CGInfo:
             with ``negative_curvature="stop"``; the default raises :class:`NegativeCurvatureError`).
         num_matvecs: columns multiplied by the operator in this solve.
 
-    Example:
+    Examples:
         >>> info = CGInfo((3,), (1e-9,), (1e-9,), (True,), (False,), 3)
         >>> info.max_iterations, info.all_converged
         (3, True)
@@ -199,7 +199,7 @@ class CGInverse(LinearOperator):
         progress: a tqdm bar over the iterations (off by default). Whatever these are, a solve
             logs its progress at INFO every :data:`LOG_EVERY_SECONDS` and a summary at the end.
 
-    Example:
+    Examples:
         >>> A = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
         >>> inv = CGInverse(A, damping=1.0, tol=1e-12)
         >>> x = inv @ torch.tensor([1.0, 0.0], dtype=torch.float64)
@@ -339,7 +339,7 @@ class MINRESInverse(LinearOperator):
     :attr:`last_info` is a :class:`CGInfo` (``breakdown`` always false). No preconditioner.
     ``callback`` and ``progress`` as for :class:`CGInverse` (progress is logged at INFO).
 
-    Example:
+    Examples:
         >>> A = torch.diag(torch.tensor([1.0, -3.0, 2.0], dtype=torch.float64))
         >>> inv = MINRESInverse(A, damping=0.5, tol=1e-12)
         >>> [round(v, 6) for v in (inv @ torch.ones(3, dtype=torch.float64)).tolist()]
@@ -457,7 +457,7 @@ def inverse(
     preconditioner). ``callback`` (a :class:`SolveProgress` per iteration) and ``progress`` (a tqdm
     bar, off by default) follow a long solve; it is also logged at INFO.
 
-    Example:
+    Examples:
         >>> A = torch.diag(torch.tensor([1.0, 3.0], dtype=torch.float64))
         >>> inv = inverse(A, damping=1.0)
         >>> (inv @ torch.tensor([2.0, 4.0], dtype=torch.float64)).tolist()

@@ -27,7 +27,7 @@ def check_operand(x: Tensor, dim: int, dtype: torch.dtype, device: torch.device,
     Raises ``ValueError`` for a wrong shape or device and ``TypeError`` for a wrong dtype, each
     naming what was expected.
 
-    Example:
+    Examples:
         >>> check_operand(torch.ones(3), 3, torch.float32, torch.device("cpu")).shape
         torch.Size([3])
     """
@@ -54,7 +54,7 @@ class LinearOperator(abc.ABC):
     Attributes:
         num_matvecs: number of columns multiplied so far (a ``(d, k)`` product counts ``k``).
 
-    Example:
+    Examples:
         >>> op = DenseOperator(torch.eye(3))
         >>> (op @ torch.ones(3)).tolist(), op.shape, op.num_matvecs
         ([1.0, 1.0, 1.0], (3, 3), 1)
@@ -156,7 +156,7 @@ class LinearOperator(abc.ABC):
     def to_scipy(self):
         """Wrap as a :class:`scipy.sparse.linalg.LinearOperator` acting on NumPy arrays.
 
-        Example:
+        Examples:
             >>> import numpy as np
             >>> A = DenseOperator(2 * torch.eye(2, dtype=torch.float64)).to_scipy()
             >>> A @ np.ones(2)
@@ -183,7 +183,7 @@ class LinearOperator(abc.ABC):
 class DenseOperator(LinearOperator):
     """An explicit matrix behind the operator interface (for tests, small problems and adapters).
 
-    Example:
+    Examples:
         >>> A = DenseOperator(torch.diag(torch.tensor([1.0, 2.0])))
         >>> (A @ torch.ones(2, 3)).shape
         torch.Size([2, 3])
@@ -233,7 +233,7 @@ def as_operator(
     ``shape`` and ``matmat``, such as a NumPy array (``dtype`` defaults to float64 and ``device`` to
     CPU for those). Errors name the argument (``name``).
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> as_operator(np.eye(2)).shape
         (2, 2)

@@ -29,7 +29,7 @@ from .blocks import Block, make_blocks
 from .checks import check_count, check_damping
 from .data import BatchSource, call_model
 from .linear_operator import LinearOperator
-from .losses import LossNormaliser, describe_loss
+from .losses import LossNormalizer, describe_loss
 from .params import ParamSpec, select_parameters
 
 __all__ = ["MFACInverse", "collect_gradients"]
@@ -132,7 +132,7 @@ class MFACInverse(LinearOperator):
             that only fits once; ``grads`` must then be a tensor already on ``device``).
         blocks: the parameter blocks of the flat vector (so ``op @ [tensors]`` works).
 
-    Example:
+    Examples:
         >>> G = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
         >>> Finv = MFACInverse(G, damping=0.5)
         >>> F = 0.5 * torch.eye(2, dtype=torch.float64) + G.T @ G / 2
@@ -203,7 +203,7 @@ class MFACInverse(LinearOperator):
         The operator's :attr:`blocks` are the selected parameters, so ``Finv @ [tensors]`` takes and
         returns per-parameter tensors.
 
-        Example:
+        Examples:
             >>> _ = torch.manual_seed(0)
             >>> model = nn.Linear(3, 1)
             >>> data = [(torch.randn(4, 3), torch.randn(4, 1)) for _ in range(8)]
@@ -310,7 +310,7 @@ class MFACInverse(LinearOperator):
     def diagonal(self) -> Tensor:
         """``diag(F⁻¹)`` as a ``(d,)`` tensor in ``O(dm)``.
 
-        Example:
+        Examples:
             >>> [round(v, 4) for v in MFACInverse(torch.ones(1, 2), damping=1.0).diagonal().tolist()]
             [0.6667, 0.6667]
         """
@@ -325,7 +325,7 @@ class MFACInverse(LinearOperator):
     def element(self, i: int, j: int) -> float:
         """Entry ``[F⁻¹]_ij`` in ``O(m)`` (zero across blocks of the block-diagonal variant).
 
-        Example:
+        Examples:
             >>> round(MFACInverse(torch.ones(1, 2), damping=1.0).element(0, 1), 4)
             -0.3333
         """
@@ -384,7 +384,7 @@ def collect_gradients(
             targets ``ignore_index``: its loss is 0/0) gives no gradient and is skipped.
         dtype, device: of the returned ``(m, d)`` tensor (default: those of the parameters).
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> model = nn.Linear(2, 1)
         >>> x, y = torch.randn(6, 2, generator=g), torch.randn(6, 1, generator=g)
@@ -401,7 +401,7 @@ def collect_gradients(
     d = sum(p.numel() for p in tensors)
     G = torch.empty(num_grads, d, dtype=dtype, device=device)
     count = 0
-    normaliser = LossNormaliser(describe_loss(loss_fn), loss_fn, lambda x: x, strict=False)
+    normalizer = LossNormalizer(describe_loss(loss_fn), loss_fn, lambda x: x, strict=False)
     source = BatchSource(data, device=param_device)
     batches = source if batch_size is None else source.minibatches(batch_size)
     for batch in batches:
@@ -412,7 +412,7 @@ def collect_gradients(
         inputs, targets = batch.inputs, batch.targets
         with torch.enable_grad():
             outputs = call_model(model, inputs)
-            if _weighs_nothing(normaliser, inputs, outputs, targets):
+            if _weighs_nothing(normalizer, inputs, outputs, targets):
                 continue  # every target ignored: a 0/0 loss, no gradient sample
             loss = loss_fn(outputs, targets)
             if not isinstance(loss, Tensor) or loss.ndim != 0:
@@ -428,9 +428,9 @@ def collect_gradients(
     return G
 
 
-def _weighs_nothing(normaliser: LossNormaliser, inputs: Any, outputs: Any, targets: Any) -> bool:
+def _weighs_nothing(normalizer: LossNormalizer, inputs: Any, outputs: Any, targets: Any) -> bool:
     """Whether a batch's weight in a ``mean`` loss is 0 (all targets ignored): its loss is 0/0."""
     if not isinstance(outputs, Tensor):
         return False
-    norm = normaliser.of_outputs(inputs, outputs.detach(), targets)
+    norm = normalizer.of_outputs(inputs, outputs.detach(), targets)
     return norm.reduction == "mean" and norm.value == 0

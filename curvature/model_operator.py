@@ -19,7 +19,7 @@ from .data import Batch, BatchSource, EmptyDataError, call_model, split_batch
 from .graph_cache import DEFAULT_GRAPH_CACHE_BYTES, CacheEntry, GraphCache
 from .graph_cache import measure_saved_bytes as _measure_saved_bytes  # noqa: F401 - hessian.py imports it here
 from .linear_operator import LinearOperator
-from .losses import LossInfo, LossNormaliser, check_outputs, describe_loss, lean_loss
+from .losses import LossInfo, LossNormalizer, check_outputs, describe_loss, lean_loss
 from .outputs import OutputSelector, select_output
 from .params import ParamSpec, select_parameters
 from .precision import ComputeCopy
@@ -54,7 +54,7 @@ class ModelOperator(LinearOperator):
     """Base class of curvature operators of ``loss_fn(model(inputs), targets)`` over a dataset.
 
     The matrix is the curvature of the loss over ALL samples of ``data``: with a ``mean``
-    reduction each batch's product is weighted by its normaliser (its number of samples; see
+    reduction each batch's product is weighted by its normalizer (its number of samples; see
     :func:`curvature.data.batch_weight`), so a short last batch gives the same answer as one big
     batch; with ``sum`` the batch products are added. :attr:`num_samples` and :attr:`num_batches`
     count one pass over the data.
@@ -65,7 +65,7 @@ class ModelOperator(LinearOperator):
       parameters that require grad. The flat vector follows the model's parameter order
       (:attr:`blocks`).
     * ``reduction``: ``"mean"`` or ``"sum"``, checked against the loss (a contradiction raises);
-      or a callable ``(inputs, targets) -> Z``, the loss's normaliser per batch. Default: read
+      or a callable ``(inputs, targets) -> Z``, the loss's normalizer per batch. Default: read
       off the loss (see :mod:`curvature.losses`: valid targets under ``ignore_index``, summed
       class weights, elements of an element-wise mean, a lambda's recorded reductions).
     * ``outputs``: ``outputs(model_output) -> tensor``, the tensor the loss takes; default the
@@ -143,9 +143,9 @@ class ModelOperator(LinearOperator):
         self.check_finite = check_finite
         self.progress = progress
         self.outputs_fn = outputs
-        self._loss_normaliser = LossNormaliser(self.loss_info, loss_fn, self.forward, device=self.device)
+        self._loss_normalizer = LossNormalizer(self.loss_info, loss_fn, self.forward, device=self.device)
         self._source = BatchSource(
-            data, reduction=self.loss_info.reduction, device=self.device, normaliser=self._batch_normaliser()
+            data, reduction=self.loss_info.reduction, device=self.device, normalizer=self._batch_normalizer()
         )
         self._single_batch = self._source.is_single
         self._data = self._source.data
@@ -157,25 +157,25 @@ class ModelOperator(LinearOperator):
         )
         self._check_mode()
         # A lambda does not say whether it sums or averages: read it off the first batch.
-        self._loss_normaliser.strict = not self._single_batch
+        self._loss_normalizer.strict = not self._single_batch
         if self.loss_info.kind == "generic":
             self._resolve_generic_loss()
 
     def _resolve_generic_loss(self) -> None:
         """Read a loss the toolkit does not recognise (a lambda) off the first batch that shows
-        something: a batch of weight 0 (every target ignored) says nothing about the normaliser.
+        something: a batch of weight 0 (every target ignored) says nothing about the normalizer.
         Empty data resolves nothing here; the products raise :class:`~curvature.data.EmptyDataError`."""
         with self._preserved_buffers(), differentiable_kernels(), exact_weight_norm(self.model):
             for raw in self._source.data:
-                self.loss_info = self._loss_normaliser.resolve(tuple(split_batch(raw)))
-                if not self._loss_normaliser.awaiting_batch:
+                self.loss_info = self._loss_normalizer.resolve(tuple(split_batch(raw)))
+                if not self._loss_normalizer.awaiting_batch:
                     break
         self._source.reduction = self.loss_info.reduction
 
-    def _batch_normaliser(self) -> Callable[[Any, Any], float] | None:
-        """The loss's own per-batch normaliser for :func:`curvature.data.batch_weight`
-        (:class:`curvature.losses.LossNormaliser`: valid targets, summed class weights, elements)."""
-        return self._loss_normaliser
+    def _batch_normalizer(self) -> Callable[[Any, Any], float] | None:
+        """The loss's own per-batch normalizer for :func:`curvature.data.batch_weight`
+        (:class:`curvature.losses.LossNormalizer`: valid targets, summed class weights, elements)."""
+        return self._loss_normalizer
 
     # -- data ---------------------------------------------------------------------------------
     @property
@@ -230,7 +230,7 @@ class ModelOperator(LinearOperator):
         outputs = self.forward(inputs)
         check_outputs(self.loss_info, outputs, targets)
         if self.loss_info.kind == "cross_entropy" and isinstance(outputs, Tensor):
-            normalizer = self._loss_normaliser.of_outputs(inputs, outputs.detach(), targets)
+            normalizer = self._loss_normalizer.of_outputs(inputs, outputs.detach(), targets)
             lean = lean_loss(self.loss_info, outputs, targets, normalizer)
             if lean is not None:
                 return self._check_loss(lean, index)
@@ -305,7 +305,7 @@ class ModelOperator(LinearOperator):
         if self._compute_copy is not None:
             self._compute_copy.sync()
         self._check_mode()
-        self._loss_normaliser.check_declaration()
+        self._loss_normalizer.check_declaration()
         k = V.shape[1]
         V_list = self._split(V)
         mean = self.loss_info.reduction == "mean"
@@ -329,7 +329,7 @@ class ModelOperator(LinearOperator):
                     total[:, block.slice].add_(part.reshape(k, -1), alpha=weight)
             if first is None:  # the batch source raises on no batches at all
                 raise EmptyDataError(
-                    f"{type(self).__name__}: every batch of the data has weight 0 (the loss's normaliser: e.g. "
+                    f"{type(self).__name__}: every batch of the data has weight 0 (the loss's normalizer: e.g. "
                     "all targets are ignore_index), so the mean loss over the data is undefined"
                 )
             if total is None:

@@ -100,7 +100,7 @@ class OutputSpaceOperator(SelectsBackend, ModelOperator):
         cross_entropy = self.loss_info.kind == "cross_entropy"  # its normalizer needs no loss value
         if not cross_entropy:
             self._check_loss(self.loss_fn(outputs.detach(), targets), index)
-        normalizer = self._loss_normaliser.of_outputs(inputs, outputs.detach(), targets)
+        normalizer = self._loss_normalizer.of_outputs(inputs, outputs.detach(), targets)
         if cross_entropy:
             with torch.no_grad():  # the value is only checked: the lean one skips log_softmax's B x T x V
                 lean = lean_loss(self.loss_info, outputs.detach(), targets, normalizer)

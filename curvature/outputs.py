@@ -20,7 +20,7 @@ def select_output(out: Any, outputs: OutputSelector = None, *, who: str = "the c
     ``logits`` (a Hugging Face ``ModelOutput`` such as ``CausalLMOutputWithCrossAttentions``, or a
     dict with a ``"logits"`` key).
 
-    Example:
+    Examples:
         >>> import torch
         >>> select_output({"logits": torch.zeros(2, 3), "hidden": torch.ones(2)}).shape
         torch.Size([2, 3])

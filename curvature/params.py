@@ -24,7 +24,7 @@ _GLOB_CHARS = frozenset("*?[")
 def is_pattern(name: str) -> bool:
     """Whether ``name`` is a glob pattern (contains ``*``, ``?`` or ``[``) rather than a name.
 
-    Example:
+    Examples:
         >>> is_pattern("transformer.h.*.attn.*"), is_pattern("fc1.weight")
         (True, False)
     """
@@ -48,7 +48,7 @@ def match_names(
     ``ValueError`` naming the closest names, since a silently empty selection would give a
     curvature of the wrong parameters.
 
-    Example:
+    Examples:
         >>> names = ["h.0.attn.weight", "h.0.mlp.weight", "h.1.attn.weight", "ln_f.weight"]
         >>> match_names(names, "h.*.attn.*")
         ['h.0.attn.weight', 'h.1.attn.weight']
@@ -80,7 +80,7 @@ def select_parameters(model: nn.Module, params: ParamSpec = None) -> tuple[list[
     frozen parameters; a name or pattern that matches nothing is an error that names the closest
     parameter names.
 
-    Example:
+    Examples:
         >>> m = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
         >>> select_parameters(m, ["1.weight"])[0]
         ['1.weight']

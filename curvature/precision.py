@@ -33,7 +33,7 @@ _HALF = (torch.float16, torch.bfloat16)
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half-precision dtypes, ``dtype`` itself otherwise.
 
-    Example:
+    Examples:
         >>> working_dtype(torch.bfloat16), working_dtype(torch.float64)
         (torch.float32, torch.float64)
     """
@@ -53,7 +53,7 @@ class _Upcast(LinearOperator):
 def in_working_precision(op: Any) -> LinearOperator:
     """``op`` itself, or for a half-precision operator a float32 view of it.
 
-    Example:
+    Examples:
         >>> A = in_working_precision(torch.eye(3, dtype=torch.bfloat16))
         >>> A.dtype, (A @ torch.ones(3)).dtype
         (torch.float32, torch.float32)
@@ -76,7 +76,7 @@ class ComputeCopy:
     train/eval modes into the copy when they changed (a float64 checksum of every tensor, so
     ``p.data`` edits are seen too); the copy costs one model's worth of memory in ``dtype``.
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> m = nn.Linear(2, 1).to(torch.bfloat16)
         >>> cc = ComputeCopy(m, torch.float32)

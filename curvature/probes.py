@@ -6,7 +6,7 @@ run to run and the global RNG (``torch.manual_seed``) is never read, advanced or
 your own seeded generator for reproducible results; a CPU generator gives the same probes whatever
 device the operator lives on.
 
-Example:
+Examples:
     >>> import torch
     >>> g = torch.Generator().manual_seed(0)
     >>> V = draw_probes(5, 2, "rademacher", dtype=torch.float64, device=torch.device("cpu"), generator=g)
@@ -38,7 +38,7 @@ def make_generator(generator: Any, device: torch.device | str = "cpu") -> torch.
     A generator on another device type than ``device`` is accepted when it is a CPU generator
     (probes are then drawn on the CPU and moved); a CUDA generator for a CPU operator is refused.
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> make_generator(g) is g, make_generator(None).device.type
         (True, 'cpu')
@@ -61,7 +61,7 @@ def make_generator(generator: Any, device: torch.device | str = "cpu") -> torch.
 def draw_seed(generator: torch.Generator) -> int:
     """One 62-bit integer drawn from ``generator`` (to derive child generators reproducibly).
 
-    Example:
+    Examples:
         >>> draw_seed(torch.Generator().manual_seed(0)) == draw_seed(torch.Generator().manual_seed(0))
         True
     """
@@ -84,7 +84,7 @@ def draw_probes(
     ``device``; each probe is a contiguous row of the draw, so probe ``i`` does not depend on how
     many are drawn at once.
 
-    Example:
+    Examples:
         >>> V = draw_probes(4, 2, "normal", dtype=torch.float32, device="cpu",
         ...                 generator=torch.Generator().manual_seed(0))
         >>> V.shape, V.dtype

@@ -27,7 +27,7 @@ class SlidingMFACInverse(LinearOperator):
     """``F⁻¹`` for ``F = λ I + (1/m) Σ g gᵀ`` over the last ``m`` gradients pushed with :meth:`update`.
 
     Until ``m`` gradients have been pushed, the empty slots of the window are zero rows and the
-    normalisation stays ``1/m`` (as in the reference optimizer): after ``n < m`` updates the
+    normalization stays ``1/m`` (as in the reference optimizer): after ``n < m`` updates the
     operator is ``(λ I + (1/m) Σ_{i<=n} g_i g_iᵀ)⁻¹``, which is ``λ⁻¹ I`` before the first update.
     The :class:`~curvature.mfac.MFACInverse` of the same matrix is the one of the pushed
     gradients scaled by ``sqrt(n/m)``.
@@ -49,7 +49,7 @@ class SlidingMFACInverse(LinearOperator):
             always float64).
         device: of the window and of the vectors.
 
-    Example:
+    Examples:
         >>> Finv = SlidingMFACInverse(2, num_grads=1, damping=1.0, dtype=torch.float64)
         >>> Finv.update_and_multiply(torch.tensor([1.0, 1.0], dtype=torch.float64)).tolist()
         [0.3333333333333333, 0.3333333333333333]
@@ -85,7 +85,7 @@ class SlidingMFACInverse(LinearOperator):
         ``window`` is ``(m, d)``; ``gram`` is its ``(m, m)`` float64 Gram matrix; ``slot`` is the
         next row to overwrite.
 
-        Example:
+        Examples:
             >>> gram = torch.zeros(4, 4, dtype=torch.float64)
             >>> inv = SlidingMFACInverse.from_buffers(torch.zeros(4, 3), gram, damping=0.5)
             >>> inv.shape, inv.num_grads
@@ -130,7 +130,7 @@ class SlidingMFACInverse(LinearOperator):
     def update_and_multiply(self, g: Tensor) -> Tensor:
         """Push ``g`` and return ``F⁻¹ g`` for the new window, with the cancellation-free form D1.
 
-        Example:
+        Examples:
             >>> inv = SlidingMFACInverse(3, num_grads=4, damping=1e-8, dtype=torch.float64)
             >>> g = torch.tensor([3.0, 0.0, 4.0], dtype=torch.float64)
             >>> [round(v, 6) for v in inv.update_and_multiply(g).tolist()]  # m g / (λ m + |g|²)

@@ -23,7 +23,7 @@ def check_mode(model: nn.Module, *, allow_train_mode: bool, stacklevel: int = 3)
     """Refuse (``RuntimeError``) or, with ``allow_train_mode``, warn about modules in train mode
     whose behaviour depends on it.
 
-    Example:
+    Examples:
         >>> check_mode(nn.Sequential(nn.Linear(2, 2), nn.Dropout()).eval(), allow_train_mode=False)
         >>> check_mode(nn.Sequential(nn.Dropout()), allow_train_mode=False)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
@@ -48,7 +48,7 @@ def check_mode(model: nn.Module, *, allow_train_mode: bool, stacklevel: int = 3)
 def preserved_buffers(model: nn.Module, *, allow_train_mode: bool) -> Iterator[None]:
     """Restore the model's buffers (BatchNorm running statistics in train mode) on leaving.
 
-    Example:
+    Examples:
         >>> bn = nn.BatchNorm1d(2)
         >>> with preserved_buffers(bn, allow_train_mode=True):
         ...     _ = bn(torch.randn(4, 2))

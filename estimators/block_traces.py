@@ -53,7 +53,7 @@ def block_traces(
         with ``group_by_module=True``), with ``.total``, the trace of all the blocks together from
         the same probes.
 
-    Example:
+    Examples:
         >>> from curvature import make_blocks
         >>> A = torch.diag(torch.tensor([1.0, 2.0, 3.0]))
         >>> bl = make_blocks(["fc.weight", "fc.bias"], [(2,), (1,)])

@@ -58,7 +58,7 @@ def diagonal(
     Returns:
         A :class:`DiagonalEstimate`; ``.per_block()`` splits it into parameter-shaped tensors.
 
-    Example:
+    Examples:
         >>> A = torch.tensor([[2.0, 1.0], [1.0, 3.0]])
         >>> diagonal(A, method="exact").value.tolist()
         [2.0, 3.0]

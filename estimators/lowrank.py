@@ -3,7 +3,7 @@
 XTrace/XDiag (Epperly, Tropp, Webber 2024) use every test vector ``ω_i`` twice: in the sketch
 ``Y = AΩ`` whose range approximates the top of the spectrum, and, left out of that sketch, as a
 Hutchinson probe of the remainder.  Leaving ``ω_i`` out of ``span(Y)`` removes one direction
-``Q s_i`` of the basis, where ``s_i`` is the normalised ``i``-th column of ``R⁻ᵀ`` (``Y = QR``),
+``Q s_i`` of the basis, where ``s_i`` is the normalized ``i``-th column of ``R⁻ᵀ`` (``Y = QR``),
 so all ``k`` leave-one-out estimates follow from ``k x k`` matrices in ``O(d k²)`` work.
 """
 
@@ -84,7 +84,7 @@ class OrthonormalBasis:
 def leave_one_out_directions(R: Tensor) -> Tensor:
     """Columns ``s_i``: unit vectors orthogonal to every column of ``R`` except the ``i``-th.
 
-    They are the normalised columns of ``R⁻ᵀ``.  Computed from an SVD with tiny singular values
+    They are the normalized columns of ``R⁻ᵀ``.  Computed from an SVD with tiny singular values
     floored, so a singular ``R`` (sketch of rank below ``k``) gives directions in its left null
     space, i.e. directions of the basis that the operator does not reach.
     """

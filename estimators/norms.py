@@ -42,7 +42,7 @@ def frobenius_norm(
         distribution, generator, probe_batch_size, progress: as in :func:`estimators.trace`.
         rtol: stop once ``squared_stderr <= rtol * squared`` (from 10 samples on).
 
-    Example:
+    Examples:
         >>> A = torch.diag(torch.tensor([3.0, 4.0]))
         >>> est = frobenius_norm(A, num_matvecs=4, generator=torch.Generator().manual_seed(0))
         >>> est.value, est.squared, est.squared_stderr

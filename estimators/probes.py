@@ -27,7 +27,7 @@ def default_probe_batch_size(dim: int, num: int, *, itemsize: int = 4, rtol: boo
     entries stays within 1 GiB; at least 1.  Callers split the probes into equal blocks of at most
     this size (100 probes -> 2 x 50).
 
-    Example:
+    Examples:
         >>> default_probe_batch_size(1000, 100), default_probe_batch_size(10**9, 100)
         (64, 1)
         >>> default_probe_batch_size(1000, 100, rtol=True)

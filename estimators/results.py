@@ -29,7 +29,7 @@ class Estimate:
     ``None``), and a normal-approximation :meth:`confidence_interval`. Subclasses are frozen
     dataclasses that declare these fields.
 
-    Example:
+    Examples:
         >>> isinstance(TraceEstimate(1.0, 0.0, 4, "exact", "unit"), Estimate)
         True
     """
@@ -62,7 +62,7 @@ class TraceEstimate(Estimate):
         samples: the float64 per-sample values the estimate averages (Hutchinson: ``vᵀAv`` per
             probe; Hutch++: the deflated residual samples; XTrace: the leave-one-out estimates).
 
-    Example:
+    Examples:
         >>> est = TraceEstimate(10.0, 0.5, 100, "hutchinson", "rademacher")
         >>> est.confidence_interval(0.95)
         (9.02..., 10.97...)
@@ -97,7 +97,7 @@ class BlockTraceEstimates(dict):
     ``total`` is the trace of the union of the blocks estimated from the very same probes (its
     samples are the per-probe sums over blocks, so its error bar accounts for their correlation).
 
-    Example:
+    Examples:
         >>> t = TraceEstimate(1.0, 0.0, 2, "hutchinson", "rademacher")
         >>> res = BlockTraceEstimates({"a": t}, total=t)
         >>> res["a"].value, res.total.value
@@ -123,7 +123,7 @@ class DiagonalEstimate(Estimate):
         converged: with ``rtol=``, whether ``‖stderr‖ <= rtol·‖value‖`` was reached; else ``None``.
         samples: not kept for diagonals (``None``): they would take ``d`` floats per probe.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from curvature import make_blocks
         >>> est = DiagonalEstimate(torch.arange(6.0), torch.zeros(6), 6, "exact", "unit",
@@ -170,7 +170,7 @@ class FrobeniusNormEstimate(Estimate):
         num_matvecs, method, distribution, converged, samples: as in :class:`TraceEstimate`
             (``samples`` are the ``‖Av‖²`` values).
 
-    Example:
+    Examples:
         >>> est = FrobeniusNormEstimate(5.0, 0.1, 25.0, 1.0, 10, "hutchinson", "rademacher")
         >>> est.squared_confidence_interval(0.95)
         (23.04..., 26.95...)

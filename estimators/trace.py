@@ -104,7 +104,7 @@ def trace(
         exact, so this estimates the full error variance without bias); XTrace's own estimate,
         ``std(leave-one-out estimates)/sqrt(k)``, which tends to be optimistic.
 
-    Example:
+    Examples:
         >>> A = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0]))
         >>> est = trace(A, num_matvecs=8, generator=torch.Generator().manual_seed(0))
         >>> est.value, est.stderr, est.num_matvecs

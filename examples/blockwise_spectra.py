@@ -71,7 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short training, fewer Lanczos steps")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "figures"))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), os.pardir, "docs", "figures"))
     parser.add_argument("--replot", action="store_true", help="redraw from the saved results (.pt) in --out")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)

@@ -64,7 +64,7 @@ Plotting
 ========
 - :func:`plot_sensitivities`, :func:`plot_pareto`
 
-Example:
+Examples:
     >>> import torch, quant
     >>> from torch import nn
     >>> g = torch.Generator().manual_seed(0)

@@ -105,7 +105,7 @@ def layer_costs(
 ) -> list[LayerCosts]:
     """Per-layer choices with their perturbation, Ω, size and BOPs (``fixed`` layers: one choice).
 
-    Example:
+    Examples:
         >>> m = nn.Sequential(nn.Linear(3, 2))
         >>> s = {"0": LayerSensitivity("0", "Linear", 6, "trace", 6.0, 0.0, None, None, 6, 1)}
         >>> layer_costs(m, s, bit_choices=(4, 8))[0].size_bits
@@ -176,7 +176,7 @@ def make_plan(
 ) -> BitPlan:
     """The :class:`BitPlan` of a given assignment (``bits``: per layer, or one int for all).
 
-    Example:
+    Examples:
         >>> m = nn.Sequential(nn.Linear(3, 2))
         >>> s = {"0": LayerSensitivity("0", "Linear", 6, "trace", 6.0, 0.0, None, None, 6, 1)}
         >>> make_plan(m, s, 4).size_bytes       # 6 weights at 4 bits + 2 float32 biases
@@ -286,7 +286,7 @@ def allocate_bits(
         InfeasibleBudgetError: (a ``ValueError``) when a budget is below the smallest achievable
             value, which the message states (in bytes for size). A budget equal to it is met.
 
-    Example:
+    Examples:
         >>> m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
         >>> s = {n: LayerSensitivity(n, "Linear", k, "trace", t, 0.0, None, None, k, 1)
         ...      for n, k, t in [("0", 16, 16.0), ("2", 8, 80.0)]}
@@ -385,7 +385,7 @@ def pareto_frontier(
     Exact (:func:`quant.solvers.knapsack_frontier`, a DP over reachable costs: no rounding of
     sizes). Ω strictly decreases along it.
 
-    Example:
+    Examples:
         >>> m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
         >>> s = {n: LayerSensitivity(n, "Linear", k, "trace", t, 0.0, None, None, k, 1)
         ...      for n, k, t in [("0", 16, 16.0), ("2", 8, 80.0)]}
@@ -432,7 +432,7 @@ def sample_plans(
     Used as baselines for allocated plans of the same size. Returns fewer than ``num_plans``
     plans if ``max_tries`` draws do not find enough.
 
-    Example:
+    Examples:
         >>> m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
         >>> s = {n: LayerSensitivity(n, "Linear", k, "trace", 1.0, 0.0, None, None, k, 1)
         ...      for n, k in [("0", 16), ("2", 8)]}

@@ -47,7 +47,7 @@ class CompressionPlan:
         symmetric, per_channel: the weight quantizer (:func:`quant.quantize_weight`).
         method: how the plan was made.
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Linear(4, 2))
         >>> with torch.no_grad():
         ...     _ = model[0].weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 4.0], [-1.0, -2.0, -3.0, -4.0]]))
@@ -224,7 +224,7 @@ def predict_compression(
     (:class:`quant.LossChangePredictor`); with ``interactions`` the per-layer matrix
     ``ΔW_iᵀ H_ij ΔW_j`` gives the cross-layer part. The other parameters must be equal.
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> dense = nn.Sequential(nn.Linear(3, 2)).double()
         >>> data = (torch.randn(16, 3, generator=g, dtype=torch.float64), torch.randn(16, 2, generator=g,

@@ -185,7 +185,7 @@ def predict_loss_change(
     One gradient and one Hessian-vector product over ``data`` (with ``interactions=True``, one
     block product with a column per layer, giving every ``ΔW_iᵀH_ijΔW_j``).
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
         >>> x, y = torch.randn(16, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (16,), generator=g)

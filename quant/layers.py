@@ -48,7 +48,7 @@ def is_quantizable(module: nn.Module) -> bool:
     """Whether ``module`` is quantized by default: a :data:`QUANTIZABLE_TYPES` instance or a
     Hugging Face ``Conv1D`` (GPT-2).
 
-    Example:
+    Examples:
         >>> is_quantizable(nn.Linear(2, 2)), is_quantizable(nn.ReLU())
         (True, False)
     """
@@ -62,7 +62,7 @@ def channel_axis(module: nn.Module) -> int:
     """The output-channel axis of ``module.weight``: 1 for Hugging Face ``Conv1D`` (stored
     ``(in, out)``), 0 for Linear/Conv (``(out, in, ...)``) and Embedding (one scale per token).
 
-    Example:
+    Examples:
         >>> channel_axis(nn.Linear(3, 2))
         0
     """
@@ -87,7 +87,7 @@ def quantizable_layers(model: nn.Module, layers: Sequence[str] | None = None) ->
             Face Conv1D module.
             A named module must exist and have a ``weight`` parameter.
 
-    Example:
+    Examples:
         >>> m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
         >>> list(quantizable_layers(m))
         ['0', '2']
@@ -158,7 +158,7 @@ def check_calibration_data(data: Any, *, name: str = "data") -> None:
 
     One-shot iterators are refused: calibration iterates the data several times.
 
-    Example:
+    Examples:
         >>> check_calibration_data([])
         Traceback (most recent call last):
         ...
@@ -197,7 +197,7 @@ def layer_macs(model: nn.Module, layers: Mapping[str, nn.Module], data: Any) -> 
     each call, and a weight tied between modules (an embedding and a language model's output
     head) counts every module that holds it, whichever one names the layer.
 
-    Example:
+    Examples:
         >>> m = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(32, 5))
         >>> layer_macs(m, quantizable_layers(m), (torch.zeros(2, 1, 4, 4), torch.zeros(2)))
         {'0': 288, '2': 160}
@@ -313,7 +313,7 @@ def evaluate_model(
     A loss with ``shift=True`` (:class:`curvature.TokenCrossEntropyLoss` of a causal LM) scores
     position ``t``'s outputs against target ``t + 1``, and so does the accuracy.
 
-    Example:
+    Examples:
         >>> m = nn.Linear(2, 2)
         >>> ev = evaluate_model(m, nn.CrossEntropyLoss(), (torch.zeros(4, 2), torch.zeros(4, dtype=torch.long)))
         >>> ev.num_samples, 0.0 <= ev.accuracy <= 1.0

@@ -43,7 +43,7 @@ class PruneMask:
         masks: ``{layer name: bool tensor of the weight's shape}`` (read-only mapping; the
             tensors are private CPU copies).
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Linear(4, 2))
         >>> mask = PruneMask({"0": torch.tensor([[True, False, True, False]] * 2)})
         >>> mask.sparsity, dict(mask.layer_sparsity)
@@ -185,7 +185,7 @@ def keep_pruned(model: nn.Module, mask: PruneMask, optimizer: torch.optim.Optimi
 
     The mask is applied once now. Returns the hook's handle (``handle.remove()`` to stop).
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Linear(2, 1))
         >>> mask = PruneMask({"0": torch.tensor([[True, False]])})
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -119,7 +119,7 @@ class BitPlan:
     unknown keys, with a :class:`PlanFileError` naming the key (never a coercion: ``"false"``
     is not a boolean). Readers reject other versions; later versions only add keys.
 
-    Example:
+    Examples:
         >>> plan = BitPlan({"0": 8, "2": 4}, size_bytes=100.0, bops=0.0, omega=0.1,
         ...                omega_per_layer={"0": 0.02, "2": 0.08})
         >>> plan.bits["2"], plan.finetune_order
@@ -213,7 +213,7 @@ class BitPlan:
         Raises:
             PlanFileError: (a ``ValueError``) naming the key whose value breaks the schema.
 
-        Example:
+        Examples:
             >>> BitPlan.from_dict({"schema_version": 1, "bits": {"fc": 4}, "size_bytes": 2,
             ...                    "bops": 0, "omega": 0, "quantizer": {"symmetric": "false"}})
             Traceback (most recent call last):

@@ -110,7 +110,7 @@ def prunable_weights(model: nn.Module, layers: Sequence[str] | None = None) -> d
     (biases and norms excluded; a tied weight once; frozen layers left out). Named ``layers``
     are taken as given.
 
-    Example:
+    Examples:
         >>> m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
         >>> m[0].weight.requires_grad_(False)  # doctest: +ELLIPSIS
         Parameter...
@@ -160,7 +160,7 @@ def sparsity_schedule(final: float, steps: int, *, initial: float = 0.0, kind: s
     ``"geometric"``: density shrinks by the same factor each step (the M-FAC recomputation
     schedule); ``"cubic"``: Zhu and Gupta (2017), ``s_j = s_f + (s_0 − s_f)(1 − j/n)³``.
 
-    Example:
+    Examples:
         >>> [round(s, 3) for s in sparsity_schedule(0.9, 3, kind="cubic")]
         [0.633, 0.867, 0.9]
     """
@@ -278,7 +278,7 @@ def prune(
     Raises:
         ValueError: bad options, too little data, or a target below the current sparsity.
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
         >>> data = [(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(16)]
@@ -476,7 +476,7 @@ class GradualPruner:
         optimizer: the fine-tuning optimizer to hook (optional).
         prune_options: keyword options of :func:`prune` (``method``, ``num_gradients``, ...).
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
         >>> data = [(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(8)]

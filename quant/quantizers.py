@@ -31,7 +31,7 @@ MIN_RANGE = 1e-8
 def check_bits(bits: object, *, name: str = "bits") -> int:
     """Validate a bit-width: an integer in ``1..32``.
 
-    Example:
+    Examples:
         >>> check_bits(4)
         4
     """
@@ -109,7 +109,7 @@ def quantize(
         channel_axis: the output-channel axis.
         percentile: clip the range to this percentile (e.g. ``99.9``) instead of min/max.
 
-    Example:
+    Examples:
         >>> w = torch.tensor([[-1.0, 0.5, 0.25], [2.0, -0.1, 0.0]])
         >>> q = quantize(w, 4)
         >>> q.codes.tolist(), (q.scale.flatten() * 7).tolist()
@@ -146,7 +146,7 @@ def quantize_weight(
 ) -> Tensor:
     """Fake-quantize ``w``: ``Q_b(w) = S * (q - z)`` in ``w``'s dtype (see :func:`quantize`).
 
-    Example:
+    Examples:
         >>> quantize_weight(torch.tensor([0.0, 0.3, 1.0]), 2, symmetric=False, per_channel=False).tolist()
         [0.0, 0.3333..., 1.0]
     """
@@ -160,7 +160,7 @@ def perturbation_norm_sq(w: Tensor, bits: int, **options: object) -> float:
 
     ``options`` are those of :func:`quantize`.
 
-    Example:
+    Examples:
         >>> w = torch.tensor([[-1.0, 0.5, 0.25], [2.0, -0.1, 0.0]], dtype=torch.float64)
         >>> abs(perturbation_norm_sq(w, 4) - ((4/7 - 0.5)**2 + (2/7 - 0.25)**2 + 0.1**2)) < 1e-15
         True
@@ -178,7 +178,7 @@ class ActivationQuantizer(nn.Module):
     ``S = x_max / (2^b - 1)``; otherwise symmetric per-tensor codes with
     ``S = max(|x_min|, |x_max|) / (2^(b-1) - 1)``, as in the HAWQ-V3 reference.
 
-    Example:
+    Examples:
         >>> aq = ActivationQuantizer(2, unsigned=True)
         >>> _ = aq(torch.tensor([0.0, 3.0]))          # calibrate: range [0, 3]
         >>> aq.calibrating = False
@@ -234,7 +234,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     does), so sensitivities and plans should be computed on the folded model. Pairs that are
     not adjacent children of a Sequential are left alone. The original is not modified.
 
-    Example:
+    Examples:
         >>> m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)).eval()
         >>> folded = fold_batchnorm(m)
         >>> type(folded[1]).__name__

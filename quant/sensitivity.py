@@ -62,7 +62,7 @@ class LayerSensitivity:
 
     ``score`` is the weight of ``‖ΔW_i‖²`` in ``Ω_i``: ``Tr(H_ii)/n_i`` (V2) or ``λ_i`` (V1).
 
-    Example:
+    Examples:
         >>> s = LayerSensitivity("fc", "Linear", 10, "trace", 5.0, 0.5, None, None, 100, 32)
         >>> s.score, s.score_stderr
         (0.5, 0.05)
@@ -167,7 +167,7 @@ def sensitivity(
     Returns:
         ``{layer name: LayerSensitivity}`` in model order.
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
         >>> x, y = torch.randn(16, 3, generator=g), torch.randint(0, 2, (16,), generator=g)

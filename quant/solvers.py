@@ -125,7 +125,7 @@ def knapsack_frontier(
     decreasing: every assignment costs at least, and has at least the Ω of, one of these. Of
     assignments equal in both, the first in choice order is kept.
 
-    Example:
+    Examples:
         >>> [(c, w) for c, w, _ in knapsack_frontier([[1, 2], [1, 2]], [[5.0, 1.0], [3.0, 2.0]])]
         [(2.0, 8.0), (3.0, 4.0), (4.0, 3.0)]
     """
@@ -150,7 +150,7 @@ def solve_knapsack(
         InfeasibleBudgetError: when even the cheapest choices exceed ``budget`` (the message
             states the smallest achievable cost, in the costs' units).
 
-    Example:
+    Examples:
         >>> solve_knapsack([[1, 2], [1, 2]], [[5.0, 1.0], [3.0, 2.0]], budget=3)
         ((1, 0), 4.0)
     """
@@ -182,7 +182,7 @@ def solve_ilp(
         ``(choice index per layer, objective)``. Raises :class:`InfeasibleBudgetError` when the
         constraints cannot all be met.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> solve_ilp(np.array([[5.0, 1.0], [3.0, 2.0]]), [(np.array([[1, 2], [1, 2]]), 3)])
         ((1, 0), 4.0)

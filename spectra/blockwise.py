@@ -64,7 +64,7 @@ def block_kind(name: str, module: Any = None) -> str:
     ``"attention output"``, ``"mlp"``, ``"layernorm"``, ``"head"``, ``"conv"``, ``"linear"`` or
     ``"other"``.
 
-    Example:
+    Examples:
         >>> [block_kind(n) for n in ["transformer.wte.weight", "transformer.h.0.attn.c_attn.weight",
         ...                          "transformer.h.0.attn.c_proj.weight", "transformer.h.0.mlp.c_fc.bias",
         ...                          "transformer.h.0.ln_1.weight", "h.1.attn.q.weight"]]
@@ -92,11 +92,11 @@ def block_kind(name: str, module: Any = None) -> str:
 
 def js_distance(p: Tensor, q: Tensor) -> float:
     """Jensen-Shannon distance ``√JS(p, q)`` (natural logarithm, so in ``[0, √ln 2]``) of two
-    discrete distributions (normalised here), as :func:`scipy.spatial.distance.jensenshannon`.
+    discrete distributions (normalized here), as :func:`scipy.spatial.distance.jensenshannon`.
 
     ``JS(p, q) = ½ KL(p ‖ m) + ½ KL(q ‖ m)`` with ``m = (p + q)/2``.
 
-    Example:
+    Examples:
         >>> round(js_distance(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])) ** 2 / math.log(2), 12)
         1.0
     """
@@ -119,7 +119,7 @@ def js_distance_matrix(masses: Tensor) -> Tensor:
     """Pairwise :func:`js_distance` of the rows of ``masses`` (``(B, G)``, each row a
     distribution over the same ``G`` cells).
 
-    Example:
+    Examples:
         >>> js_distance_matrix(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])).diagonal().tolist()
         [0.0, 0.0, 0.0]
     """
@@ -410,7 +410,7 @@ def block_spectra(
             the block's largest Ritz value magnitude.
         generator: source of all randomness (the probes, block by block, then a restart seed).
 
-    Example:
+    Examples:
         >>> from curvature import DenseOperator, make_blocks
         >>> H = DenseOperator(torch.diag(torch.tensor([1., 2., 3., 10., 20.], dtype=torch.float64)),
         ...                   blocks=make_blocks(["a", "b"], [(3,), (2,)]))

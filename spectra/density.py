@@ -33,7 +33,7 @@ class SpectralSumEstimate(Estimate):
         method: ``"slq"``.
         samples: the per-probe values (float64), or ``None``.
 
-    Example:
+    Examples:
         >>> est = SpectralSumEstimate(3.0, 0.1, 10, 100)
         >>> est.value, est.method, [round(x, 3) for x in est.confidence_interval(0.95)]
         (3.0, 'slq', [2.804, 3.196])
@@ -63,7 +63,7 @@ class SpectralDensity:
         num_matvecs: operator products spent.
         metadata: JSON-serializable facts about the run (steps, seed, operator type, ...).
 
-    Example:
+    Examples:
         >>> dens = SpectralDensity(torch.tensor([[1.0, 3.0]]), torch.tensor([[0.5, 0.5]]), dim=2)
         >>> dens.trace().value
         4.0
@@ -108,7 +108,7 @@ class SpectralDensity:
     def from_lanczos(cls, result: Any, *, metadata: dict | None = None) -> SpectralDensity:
         """The density of a :class:`~spectra.LanczosResult` (its Gauss quadratures).
 
-        Example:
+        Examples:
             >>> from spectra import lanczos
             >>> A = torch.diag(torch.arange(4.0, dtype=torch.float64))
             >>> res = lanczos(A, num_steps=4, generator=torch.Generator().manual_seed(0))
@@ -180,7 +180,7 @@ class SpectralDensity:
         Returns:
             ``(grid, density)``, float64 tensors.
 
-        Example:
+        Examples:
             >>> nodes, weights = torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.5]])
             >>> dens = SpectralDensity(nodes, weights, dim=2)
             >>> t, p = dens.evaluate(sigma=0.1)
@@ -225,7 +225,7 @@ class SpectralDensity:
         Returns:
             ``(grid, density)`` over ``|λ|``, float64 tensors.
 
-        Example:
+        Examples:
             >>> nodes, weights = torch.tensor([[1e-3, 1e2]]), torch.tensor([[0.5, 0.5]])
             >>> dens = SpectralDensity(nodes, weights, dim=2)
             >>> t, p = dens.evaluate_log()
@@ -244,7 +244,7 @@ class SpectralDensity:
         (``torch.log``, ``lambda x: x**2``, ...); default the identity (``tr H``). Zero-weight
         nodes are skipped, so ``f`` need not be defined there.
 
-        Example:
+        Examples:
             >>> nodes, weights = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, 0.5]])
             >>> dens = SpectralDensity(nodes, weights, dim=2)
             >>> dens.trace(lambda x: x**2).value
@@ -260,7 +260,7 @@ class SpectralDensity:
     def select(self, probes: slice | Tensor | list[int]) -> SpectralDensity:
         """A density over a subset of the probes (matvecs are prorated).
 
-        Example:
+        Examples:
             >>> dens = SpectralDensity(torch.zeros(3, 2), torch.full((3, 2), 0.5), dim=4)
             >>> dens.select(slice(0, 2)).num_probes
             2
@@ -280,7 +280,7 @@ class SpectralDensity:
     def concatenate(densities: list[SpectralDensity]) -> SpectralDensity:
         """Pool the probes of densities of the same operator and step count.
 
-        Example:
+        Examples:
             >>> a = SpectralDensity(torch.zeros(1, 2), torch.full((1, 2), 0.5), dim=4)
             >>> SpectralDensity.concatenate([a, a]).num_probes
             2
@@ -311,7 +311,7 @@ class SpectralDensity:
     def load(cls, path: str | os.PathLike) -> SpectralDensity:
         """Read a density written by :meth:`save` (exact round trip).
 
-        Example:
+        Examples:
             >>> import tempfile, os
             >>> nodes, weights = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.25, 0.75]])
             >>> dens = SpectralDensity(nodes, weights, dim=2)

@@ -39,7 +39,7 @@ def default_num_lanczos_vectors(k: int, d: int, itemsize: int = 8) -> int:
     """Basis size used by :func:`eigsh` when none is given: ``min(d, max(2k + 1, k + 20))``,
     reduced to what fits :data:`BASIS_BUDGET` (at least ``k + 2`` vectors).
 
-    Example:
+    Examples:
         >>> default_num_lanczos_vectors(5, 10_000), default_num_lanczos_vectors(5, 124_439_808, 4)
         (25, 7)
     """
@@ -130,7 +130,7 @@ def eigsh(
     Returns:
         :class:`EigenResult` with eigenvalues ordered by ``which``.
 
-    Example:
+    Examples:
         >>> A = torch.diag(torch.arange(1.0, 31.0, dtype=torch.float64))
         >>> res = eigsh(A, k=2, generator=torch.Generator().manual_seed(0))
         >>> [round(v, 6) for v in res.eigenvalues.tolist()], res.all_converged

@@ -41,7 +41,7 @@ class LanczosResult:
         basis: ``(num_probes, m, d)`` Lanczos vectors in the working dtype (rows of ``Q_p``),
             or ``None`` unless requested with ``return_basis=True``.
 
-    Example:
+    Examples:
         >>> res = lanczos(torch.diag(torch.arange(1.0, 5.0, dtype=torch.float64)), num_steps=4,
         ...               generator=torch.Generator().manual_seed(0))
         >>> res.quadrature()[0].round(decimals=6).tolist()
@@ -181,7 +181,7 @@ def lanczos(
     Returns:
         A :class:`LanczosResult`.
 
-    Example:
+    Examples:
         >>> A = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
         >>> res = lanczos(A, num_steps=2, num_probes=4, generator=torch.Generator().manual_seed(0))
         >>> res.alpha.shape, res.num_matvecs

@@ -28,7 +28,7 @@ class LossLandscape:
             :class:`EigenResult`, else ``None``.
         slopes: directional derivatives ``gᵀu`` of the loss at ``θ`` (one per direction).
 
-    Example:
+    Examples:
         >>> ls = LossLandscape((torch.linspace(-1, 1, 3),), torch.tensor([1.0, 0.0, 1.0]), 0.0)
         >>> ls.ndim
         1
@@ -83,10 +83,10 @@ def _directions(directions: Any) -> tuple[Tensor, tuple[float, ...] | None]:
 def dataset_loss(op: ModelOperator) -> Tensor:
     """The loss over all of ``op``'s data, the function whose curvature ``op`` is.
 
-    ``Σ_b w_b L_b / Σ_b w_b`` for a mean loss (``w_b`` the batch's normaliser, as in the
+    ``Σ_b w_b L_b / Σ_b w_b`` for a mean loss (``w_b`` the batch's normalizer, as in the
     operators' products), ``Σ_b L_b`` for a sum; differentiable when grad mode is on.
 
-    Example:
+    Examples:
         >>> from curvature import Hessian
         >>> x, y = torch.ones(4, 2), torch.zeros(4, 1)
         >>> model = nn.Linear(2, 1)
@@ -147,7 +147,7 @@ def loss_landscape(
     Returns:
         A :class:`LossLandscape`.
 
-    Example:
+    Examples:
         >>> model = nn.Linear(2, 1)
         >>> x, y = torch.randn(8, 2, generator=torch.Generator().manual_seed(0)), torch.zeros(8, 1)
         >>> ls = loss_landscape(model, nn.MSELoss(), (x, y), directions=torch.ones(3), num_points=5)
@@ -159,7 +159,7 @@ def loss_landscape(
     if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 2:
         raise ValueError(f"num_points must be an int >= 2, got {num_points!r}")
     # The operator core's batch source weights the batches exactly as the curvature operators do
-    # (mean or sum reduction, the loss's own normaliser); no product is ever computed with it.
+    # (mean or sum reduction, the loss's own normalizer); no product is ever computed with it.
     op = Hessian(model, loss_fn, data, params=params, cache_graph=False)
     tensors = op.params
     d = op.shape[0]

@@ -71,7 +71,7 @@ def plot_density(
 ) -> Any:
     """Plot a :class:`~spectra.SpectralDensity` (see :meth:`SpectralDensity.plot`).
 
-    Example:
+    Examples:
         >>> import matplotlib
         >>> matplotlib.use("Agg")
         >>> from spectra import SpectralDensity
@@ -133,7 +133,7 @@ def plot_density(
 def plot_landscape(landscape: Any, *, ax: Any = None, title: str | None = None, cmap: str = "viridis") -> Any:
     """Plot a :class:`~spectra.LossLandscape` (see :meth:`LossLandscape.plot`).
 
-    Example:
+    Examples:
         >>> import matplotlib
         >>> matplotlib.use("Agg")
         >>> from spectra import LossLandscape
@@ -199,7 +199,7 @@ def plot_block_spectra(
     density on a log scale with its top eigenvalues, coloured by kind, and the matrix of
     Jensen-Shannon distances between the blocks' densities. Returns the figure.
 
-    Example:
+    Examples:
         >>> import matplotlib
         >>> matplotlib.use("Agg")
         >>> from curvature import DenseOperator, make_blocks

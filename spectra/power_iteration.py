@@ -46,7 +46,7 @@ def power_iteration(
         :class:`EigenResult`; ``residuals`` are the true ``‖Hv − λv‖``, ``converged`` says the
         deflated operator's relative residual passed ``tol``.
 
-    Example:
+    Examples:
         >>> A = torch.diag(torch.tensor([5.0, 1.0, 0.5], dtype=torch.float64))
         >>> res = power_iteration(A, k=1, generator=torch.Generator().manual_seed(0))
         >>> round(res.eigenvalues.item(), 3), bool(res.converged)

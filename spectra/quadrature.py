@@ -32,7 +32,7 @@ def default_sigma(lo: float, hi: float, num_steps: int, *, kappa: float = KAPPA)
     and ``σ = h / √(8 ln κ)`` (``κ = 3``), so a Gaussian at distance ``h/2`` is ``1/κ`` of its
     peak. About ``R/(3(m − 1))`` for a range ``R``; more steps give a sharper density.
 
-    Example:
+    Examples:
         >>> round(default_sigma(0.0, 1.0, 101), 5)
         0.00371
     """

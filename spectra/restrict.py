@@ -62,7 +62,7 @@ class RestrictedOperator(LinearOperator):
         selected: the chosen blocks of ``base`` (in ``base``'s order); ``blocks`` re-indexes them
             into the sub-vector.
 
-    Example:
+    Examples:
         >>> from curvature import DenseOperator
         >>> from curvature import make_blocks
         >>> blocks = make_blocks(["a", "b"], [(2,), (3,)])
@@ -101,7 +101,7 @@ def restrict(op: Any, blocks: BlockSpec) -> RestrictedOperator:
     or a sequence of these. Every product with
     the result costs one product with the full operator (see :class:`RestrictedOperator`).
 
-    Example:
+    Examples:
         >>> from curvature import DenseOperator
         >>> from curvature import make_blocks
         >>> blocks = make_blocks(["fc.weight", "fc.bias"], [(2, 2), (1,)])

@@ -21,7 +21,7 @@ class EigenResult:
         converged: ``(k,)`` bool, whether each pair met the solver's tolerance.
         num_matvecs: operator columns multiplied.
 
-    Example:
+    Examples:
         >>> import torch
         >>> ok = torch.ones(1, dtype=torch.bool)
         >>> r = EigenResult(torch.ones(1), torch.ones(3, 1), torch.zeros(1), ok, 7)

@@ -181,7 +181,7 @@ def slq(
     Returns:
         A :class:`SpectralDensity`.
 
-    Example:
+    Examples:
         >>> A = torch.diag(torch.linspace(-1, 1, 50, dtype=torch.float64))
         >>> dens = slq(A, num_probes=4, num_steps=20, generator=torch.Generator().manual_seed(0))
         >>> dens.nodes.shape, round(dens.trace().value, 6), dens.num_matvecs

@@ -39,7 +39,7 @@ PUBLIC_MODULES = {
 
 #: Core-level files that are consumers in fact: the ``python -m curvature`` entry point and the
 #: deprecated shims that forward to the application package for one release.
-CONSUMER_FILES = {"curvature/__main__.py", "curvature/report.py", "curvature/cli.py", "curvature/demo.py"}
+CONSUMER_FILES = {"curvature/__main__.py"}  # `python -m curvature` starts the application
 
 
 def module_name(path: Path, root: Path) -> str:

@@ -3,7 +3,7 @@
 A consumer of the whole toolkit: it imports ``curvature``, ``estimators``, ``spectra`` and
 ``quant`` with ordinary imports; ``curvature/__init__`` never imports it.
 
-Example:
+Examples:
     >>> import torch
     >>> from torch import nn
     >>> from curvature.app import Problem, ReportSettings, curvature_report

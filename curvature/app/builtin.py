@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 class DigitsCNN(nn.Module):
     """A small CNN for 1x8x8 digit images (3,658 parameters), with named layers.
 
-    Example:
+    Examples:
         >>> sum(p.numel() for p in DigitsCNN().parameters())
         3658
         >>> DigitsCNN()(torch.zeros(2, 1, 8, 8)).shape
@@ -98,7 +98,7 @@ def digits_cnn(*, seed: int = 0, device: str | torch.device = "cpu", progress: b
     ``steps`` Adam steps of 64 images (the command always trains 400); held-out accuracy (on the
     other 360 images) is in ``info``. About 2 s on one CPU core.
 
-    Example:
+    Examples:
         >>> p = digits_cnn(steps=5)
         >>> p.num_classes, sorted(p.info)
         (10, ['held-out accuracy'])
@@ -133,7 +133,7 @@ def make_dataset(
 ) -> tuple[Tensor, Tensor]:
     """Synthetic image classification data: class templates (fixed by ``seed 0``) plus noise.
 
-    Example:
+    Examples:
         >>> x, y = make_dataset(8, generator=torch.Generator().manual_seed(1))
         >>> tuple(x.shape), tuple(y.shape)
         ((8, 1, 16, 16), (8,))
@@ -149,7 +149,7 @@ def make_dataset(
 def make_cnn(*, num_classes: int = 10) -> nn.Module:
     """A small CNN (9,802 parameters) for 1x16x16 images.
 
-    Example:
+    Examples:
         >>> sum(p.numel() for p in make_cnn().parameters())
         9802
     """
@@ -167,7 +167,7 @@ def synthetic_cnn(*, seed: int = 0, device: str | torch.device = "cpu", progress
     ``steps`` Adam steps of 64 images (the command always trains 300); the analysed loss is over
     512 fresh samples.
 
-    Example:
+    Examples:
         >>> synthetic_cnn(steps=5).num_classes
         10
     """

@@ -28,7 +28,7 @@ def load_pydoc_text() -> str:
     """CPython's reference documentation topics (:mod:`pydoc_data.topics`) as one string, topics
     in sorted order (about 465k characters).
 
-    Example:
+    Examples:
         >>> len(load_pydoc_text()) > 100_000
         True
     """
@@ -40,7 +40,7 @@ def load_pydoc_text() -> str:
 def encode_text(text: str) -> tuple[Tensor, list[str]]:
     """Characters -> token ids over the text's sorted alphabet; returns ``(ids, alphabet)``.
 
-    Example:
+    Examples:
         >>> ids, alphabet = encode_text("abba")
         >>> ids.tolist(), alphabet
         ([0, 1, 1, 0], ['a', 'b'])
@@ -98,7 +98,7 @@ class CharTransformer(nn.Module):
     """A GPT-style character-level transformer: token and position embeddings, ``depth``
     pre-LayerNorm blocks, a final LayerNorm and an (untied) output head; logits ``(B, T, V)``.
 
-    Example:
+    Examples:
         >>> m = CharTransformer(vocab_size=10, width=16, depth=1, heads=2, context=8)
         >>> m(torch.zeros(2, 8, dtype=torch.long)).shape
         torch.Size([2, 8, 10])
@@ -133,7 +133,7 @@ def char_transformer(*, seed: int = 0, device: str | torch.device = "cpu", quick
 
     Held-out loss before and after training, in nats per character, are in ``info``.
 
-    Example:
+    Examples:
         >>> p = char_transformer(quick=True)
         >>> p.info["held-out loss"] < p.info["loss at initialisation"]
         True

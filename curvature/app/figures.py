@@ -31,7 +31,7 @@ def density_per_decade(density: SpectralDensity, part: str = "positive", *,
     ``|θ| < floor`` (rounding noise) are left out and the grid starts at ``floor``, so the curve's
     area is the share of eigenvalues of that sign that the products resolve.
 
-    Example:
+    Examples:
         >>> dens = SpectralDensity(torch.tensor([[1e-2, 1.0, 1e2]]), torch.tensor([[0.2, 0.3, 0.5]]), dim=3)
         >>> lam, per_decade = density_per_decade(dens)
         >>> round(float(torch.trapezoid(per_decade, lam.log10())), 3)

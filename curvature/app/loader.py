@@ -83,7 +83,7 @@ def load_problem(spec: str, **options: Any) -> Problem:
         ProblemNotFoundError: nothing importable under that name, or the file fails to import.
         BadProblemError: the builder returned something else than a ``Problem``.
 
-    Example:
+    Examples:
         >>> import pathlib, tempfile
         >>> folder = pathlib.Path(tempfile.mkdtemp())
         >>> _ = (folder / "mine.py").write_text(

@@ -72,7 +72,7 @@ class StagedOutput:
         OutputError: ``path`` is a file, cannot be written, holds other files, or holds an earlier
             run's results and ``force`` is false.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> target = os.path.join(tempfile.mkdtemp(), "rep")
         >>> with StagedOutput(target) as staged:

@@ -110,7 +110,7 @@ class Problem:
             number of outlying eigenvalues with it).
         info: further numbers to show in the report, e.g. ``{"held-out accuracy": 0.97}``.
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Linear(4, 3)).eval()
         >>> data = (torch.zeros(8, 4), torch.zeros(8, dtype=torch.long))
         >>> p = Problem(model, nn.CrossEntropyLoss(), data, name="tiny", metric="accuracy")
@@ -147,7 +147,7 @@ def _has_params(obj: Any) -> bool:
 def problem_from(result: Any, *, source: str = "the builder") -> Problem:
     """Check that a builder returned a :class:`Problem` whose parts have the right kinds.
 
-    Example:
+    Examples:
         >>> model = nn.Linear(2, 2)
         >>> problem_from(Problem(model, nn.MSELoss(), (torch.zeros(3, 2), torch.zeros(3, 2)))).name
         'model'
@@ -234,7 +234,7 @@ def check_problem(
     read), so shape mismatches, NaN losses and non-tensor outputs surface before any curvature is
     computed.
 
-    Example:
+    Examples:
         >>> p = Problem(nn.Linear(4, 3).eval(), nn.CrossEntropyLoss(), torch.zeros(8, 4))
         >>> check_problem(p)
         Traceback (most recent call last):

@@ -43,7 +43,7 @@ class Provenance:
         deterministic: how the products were made reproducible.
         timings_s: seconds per section (filled in by the report).
 
-    Example:
+    Examples:
         >>> p = Provenance.create(problem="tiny", seed=3, quick=True, settings={"top_k": 3}, device="cpu")
         >>> p.to_dict()["seed"], p.to_dict()["versions"]["curvature"] == curvature.__version__
         (3, True)

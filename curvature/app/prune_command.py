@@ -46,7 +46,7 @@ class DigitsSplit:
 def digits_split(*, seed: int = 0, steps: int = 400) -> DigitsSplit:
     """The built-in digits problem's model with its train/held-out split (the same permutation as its builder).
 
-    Example:
+    Examples:
         >>> split = digits_split(steps=20)
         >>> split.train[0].shape, split.test[0].shape
         (torch.Size([1437, 1, 8, 8]), torch.Size([360, 1, 8, 8]))

@@ -291,7 +291,7 @@ def disagreements(named: dict[str, Any], *, threshold: float = ERROR_BAR_SE) -> 
     """Sentences for each pair of estimates of one quantity that differ by more than ``threshold``
     combined standard errors, with the likely reason.
 
-    Example:
+    Examples:
         >>> a = TraceEstimate(10.0, 0.1, 100, "hutchinson", "rademacher")
         >>> b = TraceEstimate(12.0, 0.1, 100, "auto:xtrace", "sphere")
         >>> disagreements({"A": a, "B": b})[0][:40]
@@ -360,7 +360,7 @@ def _metric_value(problem: Problem, H: Hessian) -> float | None:
 
 def _summary(problem: Problem, H: Hessian, ggn_unavailable: str | None) -> SummarySection:
     total_loss, grad, weight = 0.0, None, 0.0
-    # Batches weighted exactly as the operators weight them: by the loss's own normaliser
+    # Batches weighted exactly as the operators weight them: by the loss's own normalizer
     # (valid tokens under ignore_index, summed class weights), not by the sample count.
     for batch in H.batch_source:
         with torch.enable_grad():
@@ -437,7 +437,7 @@ def noise_floor(density: SpectralDensity, *, lambda_max: float | None = None,
     (:meth:`spectra.SpectralDensity.default_sigma`) the quadrature's resolution. ``lambda_max``
     defaults to the largest ``|node|``.
 
-    Example:
+    Examples:
         >>> dens = SpectralDensity(torch.tensor([[-4e-7, 3e-7, 2.0]]), torch.tensor([[0.5, 0.4, 0.1]]), dim=1000)
         >>> noise_floor(dens) == max(1000 * torch.finfo(torch.float64).eps * 2.0, dens.default_sigma())
         True
@@ -593,7 +593,7 @@ def curvature_report(
         progress: status lines and tqdm bars on stderr.
         allow_train_mode: analyse a model in train mode anyway.
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
         >>> data = (torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g))

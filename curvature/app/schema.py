@@ -115,7 +115,7 @@ def _is(value: Any, kind: str) -> bool:
 def validate(instance: Any, schema: dict[str, Any] = SUMMARY_SCHEMA, path: str = "$") -> list[str]:
     """Every violation of ``schema`` in ``instance`` (empty when valid), as ``"path: problem"``.
 
-    Example:
+    Examples:
         >>> validate({"a": 1}, {"type": "object", "required": ["a", "b"]})
         ['$: missing key b']
         >>> validate([1, "x"], {"type": "array", "items": {"type": "integer"}})

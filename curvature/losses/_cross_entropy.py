@@ -60,7 +60,7 @@ class TokenTargets:
     ) -> TokenTargets:
         """From flat integer labels (``ignore_index`` marks ignored units).
 
-        Example:
+        Examples:
             >>> t = TokenTargets.build(torch.tensor([2, -100]), 3, ignore_index=-100, dtype=torch.float64,
             ...                        device=torch.device("cpu"))
             >>> t.scale.tolist(), t.labels.tolist()
@@ -94,7 +94,7 @@ def hessian_product_(logits: Tensor, U: Tensor, factor: Tensor) -> Tensor:
 
     ``logits`` is ``(units, C)``, ``U`` ``(k, units, C)`` (or ``(units, C)``), ``factor`` ``(units,)``.
 
-    Example:
+    Examples:
         >>> x, u = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
         >>> p = x.softmax(-1)
         >>> dense = torch.stack([(torch.diag(q) - torch.outer(q, q)) @ v for q, v in zip(p, u)])
@@ -114,7 +114,7 @@ def hessian_product_(logits: Tensor, U: Tensor, factor: Tensor) -> Tensor:
 def residuals(logits: Tensor, targets: TokenTargets, factor: float | Tensor = 1.0) -> Tensor:
     """Per unit the gradient of the raw loss, ``factor * (s_u p_u - q_u)``, as ``(units, C)``.
 
-    Example:
+    Examples:
         >>> x = torch.zeros(2, 2, dtype=torch.float64)
         >>> t = TokenTargets.build(torch.tensor([0, -100]), 2, ignore_index=-100, dtype=x.dtype, device=x.device)
         >>> residuals(x, t).tolist()
@@ -188,7 +188,7 @@ def lean_cross_entropy(logits: Tensor, targets: TokenTargets, normalizer: float)
     Equal to ``F.cross_entropy`` (same options) up to rounding; its gradient, and the Hessian
     products of a double backward through it, hold no ``units x C`` intermediates beyond one chunk.
 
-    Example:
+    Examples:
         >>> import torch.nn.functional as F
         >>> x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
         >>> y = torch.tensor([1, 2, -100, 6, 0])

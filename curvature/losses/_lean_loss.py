@@ -22,7 +22,7 @@ def lean_loss(info: LossInfo, outputs: Tensor, targets: Any, normalizer: Normali
     loss's own normalizer (a positive one: a batch of only ignored tokens keeps the loss's own
     value, NaN for a mean).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from curvature.losses import describe_loss, Normalizer

@@ -1,4 +1,4 @@
-"""The normaliser ``Z`` of a batch's loss: closed forms, recorded reductions, declared callables, and its check."""
+"""The normalizer ``Z`` of a batch's loss: closed forms, recorded reductions, declared callables, and its check."""
 
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ from torch.overrides import TorchFunctionMode
 
 from ._recognise import LossInfo, _unwrap_partial
 
-__all__ = ["Normalizer", "evaluate_loss", "verify_normalizer", "LossNormaliser"]
+__all__ = ["Normalizer", "evaluate_loss", "verify_normalizer", "LossNormalizer"]
 
 logger = logging.getLogger("curvature.losses")
 
 
 @dataclass(frozen=True)
 class Normalizer:
-    """The normaliser ``Z`` of one batch's loss: ``L = (1/Z) sum_u nll_u``.
+    """The normalizer ``Z`` of one batch's loss: ``L = (1/Z) sum_u nll_u``.
 
     Attributes:
         value: ``Z`` (``1.0`` for a sum).
@@ -39,7 +39,7 @@ class Normalizer:
     num_means: int = 0
 
 
-# -- normalisers -----------------------------------------------------------------------------------
+# -- normalizers -----------------------------------------------------------------------------------
 def _shape_numel(*tensors: Any) -> int:
     shapes = [t.shape for t in tensors if isinstance(t, Tensor)]
     return math.prod(torch.broadcast_shapes(*shapes)) if shapes else 1
@@ -140,12 +140,12 @@ def evaluate_loss(
 ) -> tuple[Any, Normalizer]:
     """``loss_fn(outputs, targets)`` and the batch's :class:`Normalizer`.
 
-    Closed-form losses get their normaliser from the targets; other losses are evaluated while
+    Closed-form losses get their normalizer from the targets; other losses are evaluated while
     recording their mean reductions. A declared callable gives its value on ``(inputs, targets)``.
     ``rule`` says how several recorded means combine: ``None`` their product (nested means, as
     in ``x.mean(1).mean()``), ``i`` the ``i``-th alone (a sum of means of proportional sizes).
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> from curvature.losses import describe_loss
         >>> out, y = torch.zeros(4, 3), torch.tensor([0, 1, -100, 2])
@@ -158,7 +158,7 @@ def evaluate_loss(
     if info.normalizer is not None:
         value = float(info.normalizer(inputs, targets))
         if not value > 0:
-            raise ValueError(f"the declared normaliser reduction=callable returned {value}; it must be positive")
+            raise ValueError(f"the declared normalizer reduction=callable returned {value}; it must be positive")
         return loss_fn(outputs, targets), Normalizer(value, "mean", "declared")
     if info.kind != "generic":
         loss = loss_fn(outputs, targets)
@@ -170,7 +170,7 @@ def evaluate_loss(
         loss = loss_fn(outputs, targets)
     if recorder.opaque:
         raise ValueError(
-            f"cannot tell the normaliser of loss_fn: it calls {recorder.opaque[0]} with the deprecated "
+            f"cannot tell the normalizer of loss_fn: it calls {recorder.opaque[0]} with the deprecated "
             "size_average/reduce arguments; use reduction= instead"
         )
     dens = recorder.denominators
@@ -206,16 +206,16 @@ def verify_normalizer(
     inputs: Any = None,
     strict: bool = True,
 ) -> tuple[Normalizer, int | None]:
-    """Evaluate a batch's normaliser, check it against the loss and the declaration; return it
+    """Evaluate a batch's normalizer, check it against the loss and the declaration; return it
     with the rule (see :func:`evaluate_loss`) that passed the check.
 
-    The loss's unnormalised sum ``S = Z L`` must double when the batch is concatenated with
-    itself, which holds for every sum or normalised sum of unit losses and exposes a normaliser
+    The loss's unnormalized sum ``S = Z L`` must double when the batch is concatenated with
+    itself, which holds for every sum or normalized sum of unit losses and exposes a normalizer
     the recorder did not see (``x.sum() / len(x)``). A declared ``reduction`` that contradicts
     the (verified) loss raises. ``strict``: also raise when the check fails (needed when several
     batches are combined, or a per-unit residual scale is used); otherwise only log it.
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> from curvature.losses import describe_loss
         >>> out, y = torch.randn(4, 3), torch.randn(4, 3)
@@ -225,7 +225,7 @@ def verify_normalizer(
         >>> verify_normalizer(bad, nn.MSELoss(), out, y)
         Traceback (most recent call last):
         ...
-        ValueError: reduction='sum' contradicts loss_fn, which takes a mean (normaliser 12 on this batch)
+        ValueError: reduction='sum' contradicts loss_fn, which takes a mean (normalizer 12 on this batch)
     """
     out = outputs.detach()
     with torch.no_grad():
@@ -246,7 +246,7 @@ def verify_normalizer(
             doubled = (_doubled(out), _doubled(targets), _doubled(inputs) if info.normalizer else None)
             loss2 = loss_fn(doubled[0], doubled[1])
     except Exception as exc:  # noqa: BLE001 - any loss may refuse a doubled batch; the check is then skipped
-        logger.info("loss normaliser check skipped: the loss does not take a doubled batch (%s)", exc)
+        logger.info("loss normalizer check skipped: the loss does not take a doubled batch (%s)", exc)
     else:
         for rule in rules:
             with torch.no_grad():
@@ -260,14 +260,14 @@ def verify_normalizer(
     if ok and info.declared is not None and info.declared != norm.reduction:
         raise ValueError(
             f"reduction={info.declared!r} contradicts loss_fn, which takes a {norm.reduction} "
-            f"(normaliser {norm.value:g} on this batch)"
+            f"(normalizer {norm.value:g} on this batch)"
         )
     if not ok:
         message = (
-            f"cannot tell how loss_fn normalises its batch: with normaliser {norm.value:g} ({norm.reduction}, "
-            f"{norm.source}) its unnormalised value does not double on the batch concatenated with itself "
+            f"cannot tell how loss_fn normalizes its batch: with normalizer {norm.value:g} ({norm.reduction}, "
+            f"{norm.source}) its unnormalized value does not double on the batch concatenated with itself "
             f"({s1:.6g} -> {s2:.6g}); declare it with reduction='sum' or reduction=callable(inputs, targets) -> "
-            "normaliser, so that batches are combined as the loss of the whole data set"
+            "normalizer, so that batches are combined as the loss of the whole data set"
         )
         if strict:
             raise ValueError(message)
@@ -329,8 +329,8 @@ def _shows_nothing(norm: Normalizer) -> bool:
     return norm.reduction == "mean" and norm.value == 0
 
 
-class LossNormaliser:
-    """A loss's own normaliser per batch, ``normaliser(inputs, targets) -> Z``, for batch weights.
+class LossNormalizer:
+    """A loss's own normalizer per batch, ``normalizer(inputs, targets) -> Z``, for batch weights.
 
     Closed-form losses compute ``Z`` from the targets; a declared ``reduction=callable`` is
     called; any other loss is evaluated on the batch's outputs (``forward(inputs)`` without a
@@ -338,11 +338,11 @@ class LossNormaliser:
     contents) while its reductions are recorded. The first batch's reading is checked with
     :func:`verify_normalizer` (``strict``: raise when it cannot be verified).
 
-    Example:
+    Examples:
         >>> from curvature.losses import describe_loss
         >>> f = lambda x: x
         >>> loss = lambda o, t: F.cross_entropy(o, t, ignore_index=0)
-        >>> z = LossNormaliser(describe_loss(loss), loss, f)
+        >>> z = LossNormalizer(describe_loss(loss), loss, f)
         >>> z(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
         2.0
     """
@@ -376,7 +376,7 @@ class LossNormaliser:
 
     def resolve(self, first_batch: Any) -> LossInfo:
         """For a loss the toolkit does not recognise (a lambda), read off ``first_batch`` whether
-        it sums or averages and verify its normaliser (and any declaration) with
+        it sums or averages and verify its normalizer (and any declaration) with
         :func:`verify_normalizer`; return the (possibly updated) :class:`LossInfo`."""
         info = self.info
         if info.kind != "generic" or info.normalizer is not None:
@@ -398,7 +398,7 @@ class LossNormaliser:
     @property
     def awaiting_batch(self) -> bool:
         """Whether the last :meth:`resolve` met a batch of weight 0 (every target ignored), which
-        shows nothing about the normaliser: resolve on the next batch."""
+        shows nothing about the normalizer: resolve on the next batch."""
         return self._awaiting
 
     def _moved(self, targets: Any) -> Any:

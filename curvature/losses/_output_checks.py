@@ -15,7 +15,7 @@ def check_outputs(info: LossInfo, outputs: Any, targets: Any) -> None:
     """Clear errors, before autograd's, for outputs the loss cannot take: not floating point,
     targets on another device, shapes that do not match (MSE/BCE would silently broadcast).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from curvature.losses import describe_loss

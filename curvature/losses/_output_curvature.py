@@ -83,7 +83,7 @@ class OutputCurvature:
         return torch.softmax(self._logits, dim=-1)
 
     def _target_distribution(self, targets: Tensor) -> Tensor:
-        """Per unit the (unnormalised) weights ``q_u`` of probability targets: ``nll_u = -sum_c q_uc log p_uc``."""
+        """Per unit the (unnormalized) weights ``q_u`` of probability targets: ``nll_u = -sum_c q_uc log p_uc``."""
         C = self._logits.shape[-1]
         dtype = self._logits.dtype
         eps = self.info.label_smoothing
@@ -191,7 +191,7 @@ class OutputCurvature:
         return s.unsqueeze(0) - (draws < s).to(flat.dtype)
 
     def residuals(self) -> Tensor:
-        """Per-unit gradients of the raw (unnormalised) loss at the observed targets, ``(units, per_unit)``."""
+        """Per-unit gradients of the raw (unnormalized) loss at the observed targets, ``(units, per_unit)``."""
         kind = self.info.kind
         if kind == "cross_entropy":
             if self._tokens is not None:

@@ -29,7 +29,7 @@ class LossInfo:
         weight: cross-entropy class weights, or BCE's element weights (or ``None``).
         pos_weight: BCE-with-logits ``pos_weight`` (or ``None``).
         declared: the ``reduction=`` the user passed (``None``: read from the loss).
-        normalizer: a user-declared normaliser ``(inputs, targets) -> Z`` (or ``None``).
+        normalizer: a user-declared normalizer ``(inputs, targets) -> Z`` (or ``None``).
         class_dim: cross-entropy's class dimension: ``1`` (PyTorch's layout) or ``-1``
             (:class:`TokenCrossEntropyLoss`, logits ``(..., V)``).
         shift: :class:`TokenCrossEntropyLoss` predicts token ``t + 1`` at position ``t``.
@@ -79,13 +79,13 @@ def describe_loss(loss_fn: Callable[..., Tensor], reduction: ReductionSpec = Non
     ``nn.MSELoss``, ``nn.BCEWithLogitsLoss`` (``weight``/``pos_weight``), the matching
     ``torch.nn.functional`` functions and ``functools.partial`` of them with keyword options.
     Subclasses that override ``forward`` and all other callables are ``"generic"``: their
-    curvature comes from autodiff and their normaliser from :func:`evaluate_loss`.
+    curvature comes from autodiff and their normalizer from :func:`evaluate_loss`.
 
     ``reduction`` declares the reduction: ``"mean"``/``"sum"`` (checked against the loss on
-    the first product), or a callable ``(inputs, targets) -> Z`` giving each batch's normaliser
+    the first product), or a callable ``(inputs, targets) -> Z`` giving each batch's normalizer
     (then the loss is taken to be a mean: ``L = (1/Z) sum_u nll_u``).
 
-    Example:
+    Examples:
         >>> describe_loss(nn.MSELoss(reduction="sum"))
         LossInfo(kind='mse', reduction='sum', ignore_index=None, label_smoothing=0.0, declared=None)
         >>> describe_loss(functools.partial(F.cross_entropy, reduction="sum")).reduction
@@ -98,7 +98,7 @@ def describe_loss(loss_fn: Callable[..., Tensor], reduction: ReductionSpec = Non
     elif reduction is not None:
         if reduction not in ("mean", "sum"):
             raise ValueError(
-                f"reduction must be 'mean', 'sum' or a callable (inputs, targets) -> normaliser, got {reduction!r}"
+                f"reduction must be 'mean', 'sum' or a callable (inputs, targets) -> normalizer, got {reduction!r}"
             )
         declared = reduction
     fn, kwargs = _unwrap_partial(loss_fn)

@@ -13,10 +13,10 @@ class TokenCrossEntropyLoss(nn.Module):
 
     What Hugging Face causal LMs compute from ``labels``: with ``shift=True`` position ``t``
     predicts label ``t + 1``; labels equal to ``ignore_index`` (padding, prompts) are left out of
-    the loss AND of its normaliser (``mean`` divides by the number of valid tokens). The
+    the loss AND of its normalizer (``mean`` divides by the number of valid tokens). The
     curvature operators use its closed form (as for ``nn.CrossEntropyLoss``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> logits, labels = torch.zeros(2, 4, 5), torch.tensor([[1, 2, 3, -100], [4, 0, -100, -100]])
         >>> round(TokenCrossEntropyLoss(shift=True)(logits, labels).item(), 4)  # log(5) over 4 tokens

@@ -44,7 +44,7 @@ class _Snapshot:
 def buffers_restored(model: nn.Module | None = None) -> Iterator[None]:
     """Run a block (an extra closure call) and restore every buffer its modules changed.
 
-    Example:
+    Examples:
         >>> bn = torch.nn.BatchNorm1d(2)
         >>> with buffers_restored():
         ...     _ = bn(torch.randn(4, 2))

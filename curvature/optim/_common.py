@@ -24,7 +24,7 @@ __all__ = [
 class NonFiniteError(FloatingPointError):
     """A loss or curvature estimate was NaN or infinite; no parameter or state was updated.
 
-    Example:
+    Examples:
         >>> issubclass(NonFiniteError, FloatingPointError)
         True
     """

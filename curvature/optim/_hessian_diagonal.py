@@ -54,7 +54,7 @@ FD_SCHEMES = ("central", "forward")
 def default_rel_step(dtype: torch.dtype, scheme: str) -> float:
     """``ε_mach^{1/3}`` (central) or ``ε_mach^{1/2}`` (forward) of ``dtype``.
 
-    Example:
+    Examples:
         >>> round(default_rel_step(torch.float64, "central"), 9)
         6.055e-06
     """
@@ -119,7 +119,7 @@ def fd_step(params: Sequence[Tensor], probes: Sequence[Tensor], scheme: str, rel
     """The finite-difference step ``ε = t · max(1, ‖θ‖₂) / ‖u‖₂`` (module doc), ``t`` from the
     least precise parameter dtype unless ``rel_step`` is given.
 
-    Example:
+    Examples:
         >>> w = [torch.ones(4, dtype=torch.float64), torch.ones(4, dtype=torch.bfloat16)]
         >>> u = [torch.ones(4, dtype=torch.float64), torch.ones(4)]
         >>> round(fd_step(w, u, "forward"), 4)  # sqrt(ε_mach(bfloat16)) = 0.0884, as ‖θ‖ = ‖u‖

@@ -26,7 +26,7 @@ def spatial_average(estimate: Tensor, *, signed: bool = False) -> Tensor:
     Magnitudes are averaged (as the official code does); ``signed=True`` averages the signed
     estimate first and then takes the magnitude (the paper's form, where signs may cancel).
 
-    Example:
+    Examples:
         >>> spatial_average(torch.tensor([[[1.0, -3.0]]])).tolist()
         [[[2.0, 2.0]]]
         >>> spatial_average(torch.tensor([[[1.0, -3.0]]]), signed=True).tolist()
@@ -62,7 +62,7 @@ def adahessian_update(
     counts, as ``torch.optim.Adam``'s ``state["step"]``); ``θ ← θ − lr (m / (1 − β1^t) / denom +
     wd θ)``.
 
-    Example:
+    Examples:
         >>> p, m, v = torch.tensor([1.0]), torch.zeros(1), torch.tensor([2.0])
         >>> adahessian_update(p, torch.tensor([2.0]), m, v, step=1, num_refreshes=1, lr=0.1,
         ...                   beta1=0.5, beta2=0.5, eps=1e-4, weight_decay=0.0, hessian_power=1.0)
@@ -126,7 +126,7 @@ class AdaHessian(CurvatureOptimizer):
         model: optional module all of whose buffers are restored after the extra closure calls
             (without it, the buffers of every module the closure calls are).
 
-    Example:
+    Examples:
         >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
         >>> opt = AdaHessian([w], lr=0.5, betas=(0.5, 0.999), generator=torch.Generator().manual_seed(0))
         >>> def closure():

@@ -41,7 +41,7 @@ class MFAC(Optimizer):
     only ``lr``, ``momentum`` and ``weight_decay`` may differ per group, and ``num_grads`` and
     ``damping`` must be the same in all groups.
 
-    The first steps are normalised steps, not ``1/damping``-sized ones: with one gradient in the
+    The first steps are normalized steps, not ``1/damping``-sized ones: with one gradient in the
     window ``u = m g / (λ m + |g|²)``; so ``lr`` is roughly a step length relative to ``m / |g|``.
     As ``damping → ∞`` the method tends to SGD with learning rate ``lr / damping``.
 
@@ -61,7 +61,7 @@ class MFAC(Optimizer):
         momentum: EMA coefficient ``μ`` in ``[0, 1)``.
         weight_decay: coupled L2 coefficient ``>= 0``.
 
-    Example:
+    Examples:
         >>> _ = torch.manual_seed(0)
         >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
         >>> opt = MFAC([w], lr=0.5, num_grads=4, damping=1e-4)

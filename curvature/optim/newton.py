@@ -40,7 +40,7 @@ class NewtonStepInfo:
             the loss only in its last bits, or no parameter at all), so the remaining trials were
             not run.
 
-    Example:
+    Examples:
         >>> NewtonStepInfo(1, 1.0, 0.5, 2.0, 2.0, 2.0, 1, 0, True, 3).to_dict()["accepted"]
         True
     """
@@ -120,7 +120,7 @@ class GradientRegularizedNewton(Optimizer):
     is in :class:`curvature.Hessian` but not in them, and that model error (``μ`` for ``μ/2‖θ‖²``)
     makes the convergence linear instead of superlinear.
 
-    Example:
+    Examples:
         >>> import curvature
         >>> X = torch.tensor([[1.0, 2.0], [-1.0, 0.5], [0.5, -1.5], [2.0, 1.0]], dtype=torch.float64)
         >>> y = torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=torch.float64)

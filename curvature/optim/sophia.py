@@ -32,7 +32,7 @@ class SophiaStepInfo:
             aim for 0.1-0.5; a larger ``rho`` raises it).
         clip_fraction: ``1 − win_rate``.
 
-    Example:
+    Examples:
         >>> SophiaStepInfo(1, True, 0.25, 0.75).to_dict()["win_rate"]
         0.25
     """
@@ -65,7 +65,7 @@ def sophia_update(
     Non-positive ``h`` (possible with Hutchinson) gives ``max(ρh, ε) = ε``: a sign step
     ``−lr·sign(m)``, never a step against ``m``.
 
-    Example:
+    Examples:
         >>> p, m = torch.tensor([1.0, 4.0]), torch.zeros(2)
         >>> n = sophia_update(p, torch.tensor([2.0, 2.0]), m, torch.tensor([1.0, 0.25]),
         ...                   lr=0.1, beta1=0.5, rho=2.0, weight_decay=0.0, eps=1e-15)
@@ -162,7 +162,7 @@ class Sophia(CurvatureOptimizer):
             closure calls (without it, the buffers of every module the closure calls are: the
             step leaves BatchNorm statistics as one closure call does).
 
-    Example:
+    Examples:
         >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
         >>> opt = Sophia([w], lr=0.5, rho=1.0, betas=(0.5, 0.5), update_period=2, weight_decay=0.0,
         ...              generator=torch.Generator().manual_seed(0))

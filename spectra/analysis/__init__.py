@@ -12,7 +12,7 @@
 
 Every result is a frozen dataclass with ``to_dict()`` and ``plot()``.
 
-Example:
+Examples:
     >>> import torch
     >>> from spectra import analysis
     >>> A = torch.diag(torch.cat([torch.tensor([40.0, 20.0]), torch.linspace(1.0, 2.0, 98)])).double()

@@ -46,7 +46,7 @@ class DiagonallyScaledOperator(LinearOperator):
     """``S A S`` for a positive diagonal ``S = diag(scale)``: an operator seen by a diagonal
     preconditioner (Adam's ``D^{-1/2} H D^{-1/2}`` with ``scale = (√v̂ + ε)^{-1/2}``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> A = torch.eye(2, dtype=torch.float64)
         >>> op = DiagonallyScaledOperator(A, torch.tensor([2.0, 3.0], dtype=torch.float64))
@@ -151,7 +151,7 @@ def fit_batch_scaling(
 ) -> ScalingFit:
     """Fit ``λ(B)`` by weighted least squares (weights ``1/s.e.²``; ``∝ B`` where no error bar).
 
-    Example:
+    Examples:
         >>> B = np.array([10.0, 20.0, 40.0, 80.0])
         >>> fit = fit_batch_scaling(B, 3.0 + 50.0 / B)
         >>> round(fit.lambda_inf, 6), round(fit.kappa, 6)
@@ -414,7 +414,7 @@ def _gradient_moments(op: Any, model: nn.Module, loss_fn: Callable[..., Tensor],
 
     Samples are weighted as the operators weight batches (:meth:`curvature.BatchSource.batch_weight`
     of each sample: its valid targets, summed class weights, ...): with ``z_i`` that weight and
-    ``u_i = z_i g_i`` the sample's unnormalised gradient, a batch's gradient is the ratio
+    ``u_i = z_i g_i`` the sample's unnormalized gradient, a batch's gradient is the ratio
     ``Σ_B u_i / Σ_B z_i`` and ``ḡ = Σ u_i / Σ z_i``. Returned with ``ḡ`` is
     ``mean_i ((u_i − ḡ z_i) / z̄)²`` (``z̄`` the mean weight), the variance of one sample's
     contribution to the ratio to first order (Cochran, *Sampling Techniques*, 1977, §6.3); for
@@ -539,7 +539,7 @@ def batch_size_scaling(
     Returns:
         A :class:`BatchScalingResult`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> g = torch.Generator().manual_seed(0)

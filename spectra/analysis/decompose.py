@@ -31,7 +31,7 @@ class DifferenceOperator(LinearOperator):
 
     One product costs one product with each. Symmetric when both are.
 
-    Example:
+    Examples:
         >>> import torch
         >>> A, B = torch.eye(3, dtype=torch.float64), torch.diag(torch.tensor([1.0, 0, 0])).double()
         >>> (DifferenceOperator(A, B) @ torch.ones(3, dtype=torch.float64)).tolist()
@@ -58,7 +58,7 @@ class DifferenceOperator(LinearOperator):
 class ResidualOperator(DifferenceOperator):
     """The residual term ``R = H − G`` of the Hessian, applied as ``H v − G v``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from curvature import GGN, Hessian
@@ -225,7 +225,7 @@ def decompose(
     Returns:
         A :class:`Decomposition`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> g = torch.Generator().manual_seed(0)

@@ -44,7 +44,7 @@ _MU_RULES = ("ritz_min_positive", "mass_quantile")
 def heavy_ball(L: float, mu: float) -> tuple[float, float]:
     """Polyak's optimal heavy-ball learning rate and momentum for a spectrum in ``[μ, L]``.
 
-    Example:
+    Examples:
         >>> a, r = heavy_ball(1.0, 0.01)
         >>> round(a, 6), round(r, 6)
         (3.305785, 0.669421)
@@ -181,7 +181,7 @@ def suggest_hyperparameters(
     Returns:
         A :class:`HyperparameterSuggestion`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> A = torch.diag(torch.linspace(0.01, 1.0, 100, dtype=torch.float64))
         >>> s = suggest_hyperparameters(A, num_steps=100, generator=torch.Generator().manual_seed(0))

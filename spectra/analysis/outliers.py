@@ -83,7 +83,7 @@ def log_gap_rule(eigenvalues: Any, *, z: float = 20.0) -> GapRule:
     Returns:
         A :class:`GapRule`.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> bulk = np.linspace(1.0, 0.5, 30)
         >>> log_gap_rule(np.concatenate([[9.0, 7.0, 5.0], bulk])).count
@@ -306,7 +306,7 @@ def outliers(
     Returns:
         An :class:`OutlierReport`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> A = torch.diag(torch.cat([torch.tensor([50.0, 30.0, 20.0]),
         ...                           torch.linspace(1.0, 2.0, 197)])).double()

@@ -37,7 +37,7 @@ def _style(ax: Any) -> None:
 def plot_outliers(report: Any, *, axes: Any = None, log: bool = True, floor: float = 1e-7) -> list:
     """Density with outliers marked and bulk shaded; scree plot of the top values with the cut.
 
-    Example:
+    Examples:
         >>> import matplotlib, torch
         >>> matplotlib.use("Agg")
         >>> from spectra.analysis import outliers

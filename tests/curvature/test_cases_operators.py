@@ -95,7 +95,7 @@ def test_products_equal_the_concatenated_batch_truth(kind, request):
 
 @pytest.mark.parametrize("kind", list(OPERATORS))
 def test_a_fully_padded_first_batch_contributes_zero(kind):
-    """The zero-weight batch first: nothing may be read off it (normaliser 0, loss NaN)."""
+    """The zero-weight batch first: nothing may be read off it (normalizer 0, loss NaN)."""
     p = cases.problem("tied_lm", "token_ce", "fully_padded")
     reordered = [p.batches[1], p.batches[0], p.batches[2]]
     p_first = cases.Problem(p.model_case, p.loss_case, p.layout, p.model, p.loss_fn, reordered, None)

@@ -98,7 +98,7 @@ def test_batch_source_weights_counts_and_slices():
     pieces = list(mean.minibatches(3))
     assert [p.num_samples for p in pieces] == [3, 1, 3, 3]
     assert torch.equal(torch.cat([p.inputs for p in pieces]), x)
-    assert batch_weight(x, y, reduction="mean", normaliser=lambda i, t: 7) == 7.0
+    assert batch_weight(x, y, reduction="mean", normalizer=lambda i, t: 7) == 7.0
     with pytest.raises(ValueError, match="empty"):
         list(BatchSource([]))
 

@@ -1,4 +1,4 @@
-"""The losses people train with: any loss, its own normaliser, token-level LM losses with padding,
+"""The losses people train with: any loss, its own normalizer, token-level LM losses with padding,
 and models that are not plain ``Sequential``s (no_grad parts, train-mode BatchNorm, dropout,
 weight_norm, tied weights, torch.compile).
 
@@ -57,11 +57,11 @@ def dense_ggn(model, loss_fn, x, y, outputs=None):
     return J.T @ HL @ J
 
 
-def dense_unit_ef(model, unit_loss, x, y, normaliser, outputs=None):
+def dense_unit_ef(model, unit_loss, x, y, normalizer, outputs=None):
     """(1/Z) sum_u g_u g_u^T from per-unit gradients (unit_loss(out, y) -> vector of unit losses)."""
     f, theta = _functional(model, x, outputs)
     G = torch.autograd.functional.jacobian(lambda th: unit_loss(f(th), y).reshape(-1), theta)
-    return G.T @ G / normaliser
+    return G.T @ G / normalizer
 
 
 def concat(batches):
@@ -125,7 +125,7 @@ def test_elementwise_mean_lambda_empirical_fisher_uses_the_element_count():
     x, y = concat(batches)
     E_lambda = EmpiricalFisher(model, lambda o, t: F.mse_loss(o, t), batches).to_dense()
     E_module = EmpiricalFisher(model, nn.MSELoss(), batches).to_dense()
-    expected = dense_unit_ef(model, lambda o, t: ((o - t) ** 2).sum(-1), x, y, normaliser=y.numel())
+    expected = dense_unit_ef(model, lambda o, t: ((o - t) ** 2).sum(-1), x, y, normalizer=y.numel())
     assert rel_err(E_module, expected) <= TOL
     assert rel_err(E_lambda, expected) <= TOL
 
@@ -165,7 +165,7 @@ def test_sum_losses_written_any_way_are_sums(form):
         assert rel_err(Op(model, loss_fn, batches).to_dense(), ref(model, loss_fn, x, y)) <= TOL
 
 
-def test_a_normaliser_the_loss_hides_must_be_declared():
+def test_a_normalizer_the_loss_hides_must_be_declared():
     model, batches = mlp(), regression_batches()
     x, y = concat(batches)
 
@@ -177,7 +177,7 @@ def test_a_normaliser_the_loss_hides_must_be_declared():
     G = GGN(model, hidden_mean, batches, reduction=lambda inputs, targets: len(targets))
     assert rel_err(G.to_dense(), dense_ggn(model, hidden_mean, x, y)) <= TOL
     E = EmpiricalFisher(model, hidden_mean, [concat(batches)], reduction=lambda inputs, targets: len(targets))
-    expected = dense_unit_ef(model, lambda o, t: ((o - t) ** 2).sum(-1), x, y, normaliser=len(y))
+    expected = dense_unit_ef(model, lambda o, t: ((o - t) ** 2).sum(-1), x, y, normalizer=len(y))
     assert rel_err(E.to_dense(), expected) <= TOL
 
 
@@ -284,7 +284,7 @@ def test_token_empirical_fisher_is_per_token():
     def unit(o, t):
         return F.cross_entropy(o[:, :-1].reshape(-1, V_SIZE), t[:, 1:].reshape(-1), reduction="none")
 
-    expected = dense_unit_ef(model, unit, x, y, normaliser=float((y[:, 1:] != -100).sum()))
+    expected = dense_unit_ef(model, unit, x, y, normalizer=float((y[:, 1:] != -100).sum()))
     assert rel_err(E, expected) <= TOL
     E_hf = EmpiricalFisher(model, hf_style, (x, y)).to_dense()  # per sequence for a generic loss
     assert torch.isfinite(E_hf).all()
@@ -329,7 +329,7 @@ def test_jacobian_products_respect_no_grad(Op):
     if Op is not EmpiricalFisher:
         assert rel_err(D, dense_ggn(model, nn.MSELoss(), x, y)) <= TOL
     else:
-        expected = dense_unit_ef(model, lambda o, t: ((o - t) ** 2).sum(-1), x, y, normaliser=y.numel())
+        expected = dense_unit_ef(model, lambda o, t: ((o - t) ** 2).sum(-1), x, y, normalizer=y.numel())
         assert rel_err(D, expected) <= TOL
 
 
@@ -482,8 +482,8 @@ def test_output_space_auto_backend_is_a_measured_choice():
     assert GGN(model, nn.MSELoss(), batches, deterministic=True).backend_choice(4).backend == "loop"
 
 
-def test_generic_normaliser_is_remembered_per_batch():
-    """A lambda's normaliser costs one extra no-grad forward per distinct batch, not per product."""
+def test_generic_normalizer_is_remembered_per_batch():
+    """A lambda's normalizer costs one extra no-grad forward per distinct batch, not per product."""
     model, batches = mlp(), regression_batches()
     calls = []
     model.register_forward_hook(lambda *a: calls.append(1))
@@ -508,7 +508,7 @@ def test_weighted_bce_closed_form_and_weighted_nll_with_padding():
     assert rel_err(G.to_dense(), dense_ggn(model, bce, x, y)) <= TOL
     with pytest.raises(ValueError, match="likelihood"):
         Fisher(model, bce, batches)
-    # A class-weighted NLL with ignored targets, as a lambda: its normaliser is the summed
+    # A class-weighted NLL with ignored targets, as a lambda: its normalizer is the summed
     # weights of the valid targets, which differ between the batches.
     w = torch.tensor([0.3, 1.0, 2.5], dtype=DT)
 

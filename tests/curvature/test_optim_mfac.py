@@ -137,7 +137,7 @@ def test_update_rule_matches_explicit_inverse_with_ema_momentum_and_coupled_weig
         v = opt.state[w]["momentum_buffer"].clone()
 
 
-def test_first_step_is_normalised():
+def test_first_step_is_normalized():
     g = torch.tensor([3.0, 4.0], dtype=f64)
     w = nn.Parameter(torch.zeros(2, dtype=f64))
     opt = MFAC([w], lr=1.0, num_grads=8, damping=1e-3)

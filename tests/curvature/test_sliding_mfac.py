@@ -13,7 +13,7 @@ f64 = torch.float64
 
 
 def explicit(window_rows, lam, m):
-    """inv(λI + (1/m) Σ g gᵀ) over the given rows, normalised by the full window size m."""
+    """inv(λI + (1/m) Σ g gᵀ) over the given rows, normalized by the full window size m."""
     d = window_rows.shape[1]
     return torch.linalg.inv(lam * torch.eye(d, dtype=f64) + window_rows.T @ window_rows / m)
 
