@@ -342,27 +342,24 @@ def _true_residuals(H: Hessian, result: EigenResult) -> Tensor:
     return (R.double().norm(dim=0) / result.eigenvalues.abs().clamp_min(1e-300)).cpu()
 
 
-def _metric_value(problem: Problem, H: Hessian) -> float | None:
+def _metric_value(problem: Problem) -> float | None:
+    """The problem's metric over all its data, by ``quant.evaluate_model``: accuracy is the fraction
+    of predictions right (one per target entry, ``ignore_index`` targets left out, a causal LM's
+    shift applied), a callable metric is averaged over samples."""
     if problem.metric is None:
         return None
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for _, inputs, targets, n in H.batches():
-            outputs = H.forward(inputs)  # the operators' one forward path: call_model, select_output, dtype
-            if problem.metric == "accuracy":
-                value = (outputs.argmax(-1) == targets).float().mean()
-            else:
-                value = problem.metric(outputs, targets)
-            total += float(value) * n
-            count += n
-    return total / count
+    evaluation = quant.evaluate_model(problem.model, problem.loss_fn, problem.data, metric=problem.metric)
+    return evaluation.accuracy if problem.metric == "accuracy" else evaluation.metric
 
 
 def _summary(problem: Problem, H: Hessian, ggn_unavailable: str | None) -> SummarySection:
     total_loss, grad, weight = 0.0, None, 0.0
     # Batches weighted exactly as the operators weight them: by the loss's own normalizer
     # (valid tokens under ignore_index, summed class weights), not by the sample count.
+    mean = H.loss_info.reduction == "mean"
     for batch in H.batch_source:
+        if mean and batch.weight == 0:
+            continue  # every target ignored: no part of the mean (its own loss is 0/0), as in the products
         with torch.enable_grad():
             loss = H.loss(batch.inputs, batch.targets, batch.index)
             g = torch.autograd.grad(loss, H.params, allow_unused=True, materialize_grads=True)
@@ -378,7 +375,7 @@ def _summary(problem: Problem, H: Hessian, ggn_unavailable: str | None) -> Summa
         num_batches=H.num_batches, loss=total_loss / scale, grad_norm=(grad / scale).norm().item(),
         metric_name=None if problem.metric is None else (
             problem.metric if isinstance(problem.metric, str) else getattr(problem.metric, "__name__", "metric")),
-        metric=_metric_value(problem, H), info=dict(problem.info), dtype=str(H.dtype), device=str(H.device),
+        metric=_metric_value(problem), info=dict(problem.info), dtype=str(H.dtype), device=str(H.device),
         ggn_unavailable=ggn_unavailable,
     )
 
