@@ -478,9 +478,38 @@ class SelectsBackend:
 
     _selector: BackendSelector
     _signature: str | None = None
+    backends: tuple[str, ...]
     model: nn.Module
     param_names: list[str]
     device: torch.device
+
+    def _init_selector(
+        self, init: Any, model: nn.Module, loss_fn: Any, data: Any, *, backend: str, deterministic: bool,
+        memory_budget: int | None, options: dict[str, Any],
+    ) -> None:
+        """Check the backend options, then run the operator's base ``init`` and attach the selector."""
+        selector = BackendSelector(
+            type(self).__name__, self.backends, backend=backend, deterministic=deterministic,
+            memory_budget=memory_budget, probe_batch_size=options.get("probe_batch_size"),
+        )
+        init(model, loss_fn, data, **options)
+        self._selector = selector
+        self._selector.probe_batch_size = getattr(self, "probe_batch_size", None)
+
+    @property
+    def backend(self) -> str:
+        """The ``backend=`` option (``"auto"`` or a backend name)."""
+        return self._selector.backend
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether a fixed rule (``"loop"``) replaces the timed choice."""
+        return self._selector.deterministic
+
+    @property
+    def memory_budget(self) -> int | None:
+        """The bytes the columns of one batched pass may take (``None``: the device default)."""
+        return self._selector.memory_budget
 
     def backend_key(self, k: int) -> BackendKey:
         """The :class:`BackendKey` of blocks of ``k`` columns (for :func:`pin`)."""

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .backends import BackendSelector, SelectsBackend
+from .backends import SelectsBackend
 from .finite_difference import (
     NoDoubleBackwardError,
     central_difference_products,
@@ -101,29 +101,13 @@ class Hessian(SelectsBackend, ModelOperator):
         memory_budget: int | None = None,
         **options: Any,
     ):
-        selector = BackendSelector(
-            "Hessian", self.backends, backend=backend, deterministic=deterministic, memory_budget=memory_budget,
-            probe_batch_size=options.get("probe_batch_size"),
+        self._init_selector(
+            super().__init__, model, loss_fn, data, backend=backend, deterministic=deterministic,
+            memory_budget=memory_budget, options=options,
         )
-        super().__init__(model, loss_fn, data, **options)
-        self._selector = selector
-        self._selector.probe_batch_size = self.probe_batch_size
         self._graph_bytes = 0  # the most bytes a batch's first-order graph saved (memory estimates)
         # Forward-over-reverse: None until checked against the double backward on a first product.
         self._forward_ok: bool | None = None
-
-    @property
-    def backend(self) -> str:
-        """The ``backend=`` option (``"auto"`` or a backend name)."""
-        return self._selector.backend
-
-    @property
-    def deterministic(self) -> bool:
-        return self._selector.deterministic
-
-    @property
-    def memory_budget(self) -> int | None:
-        return self._selector.memory_budget
 
     def _bytes_per_column(self, backend: str) -> int:
         return int(BYTES_PER_COLUMN_FACTOR.get(backend, 0.0) * self._graph_bytes)

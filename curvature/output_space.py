@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .backends import BackendSelector, SelectsBackend
+from .backends import SelectsBackend
 from .finite_difference import NoDoubleBackwardError, check_double_backward, lacks_double_backward
 from .losses import OutputCurvature, check_outputs, lean_loss
 from .model_operator import ModelOperator
@@ -74,22 +74,10 @@ class OutputSpaceOperator(SelectsBackend, ModelOperator):
         memory_budget: int | None = None,
         **options: Any,
     ):
-        selector = BackendSelector(
-            type(self).__name__, self.backends, backend=backend, deterministic=deterministic,
-            memory_budget=memory_budget, probe_batch_size=options.get("probe_batch_size"),
+        self._init_selector(
+            super().__init__, model, loss_fn, data, backend=backend, deterministic=deterministic,
+            memory_budget=memory_budget, options=options,
         )
-        super().__init__(model, loss_fn, data, **options)
-        self._selector = selector
-        self._selector.probe_batch_size = self.probe_batch_size
-
-    @property
-    def backend(self) -> str:
-        """The ``backend=`` option (``"auto"`` or a backend name)."""
-        return self._selector.backend
-
-    @property
-    def deterministic(self) -> bool:
-        return self._selector.deterministic
 
     @abc.abstractmethod
     def _output_product(self, index: int, curvature: OutputCurvature, U: Tensor) -> Tensor:
