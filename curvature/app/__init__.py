@@ -1,7 +1,26 @@
 """curvature.app: the application layer — the ``curvature`` command, the report and built-in problems.
 
 A consumer of the whole toolkit: it imports ``curvature``, ``estimators``, ``spectra`` and
-``quant`` with ordinary imports; ``curvature/__init__`` never imports it.
+``quant`` with ordinary imports; ``curvature/__init__`` never imports it. Guide: ``docs/command.md``.
+
+Problems
+========
+- :class:`Problem`, :func:`problem_from`, :func:`check_problem`, :class:`ProblemError` -- what
+  the command analyses (a model, a loss, data)
+- :func:`load_problem` -- a ``--problem`` spec: ``MODULE:FUNCTION``, ``FILE.py:FUNCTION`` or a
+  built-in (``digits``, ``synthetic``, ``charlm``)
+
+Reports
+=======
+- :func:`curvature_report`, :func:`compute_sections`, :class:`CurvatureReport`,
+  :class:`ReportSettings` -- the report, section by section
+- :func:`write_report`, :class:`StagedOutput`, :func:`summary_dict`, :class:`Provenance` --
+  the output folder (staged, then moved into place) and what each artefact records
+- :data:`SUMMARY_SCHEMA`, :func:`validate` -- the schema of ``summary.json``
+
+The command
+===========
+- :func:`main` -- ``curvature`` / ``python -m curvature``
 
 Examples:
     >>> import torch
