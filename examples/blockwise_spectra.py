@@ -83,7 +83,7 @@ def main() -> None:
         return
     steps = 12 if args.quick else 24
     lm = char_transformer(seed=args.seed, quick=args.quick)
-    cnn = digits_cnn(seed=args.seed, quick=args.quick)
+    cnn = digits_cnn(seed=args.seed, steps=60 if args.quick else 400)
     a = analyse(lm, num_steps=steps, num_probes=1, seed=args.seed, title="character transformer",
                 path=os.path.join(args.out, "blockwise_spectra_charlm.png"))
     b = analyse(cnn, num_steps=steps, num_probes=1, seed=args.seed, title="digits CNN",

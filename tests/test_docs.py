@@ -19,6 +19,7 @@ import matplotlib
 import pytest
 
 matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md"] + sorted(p for p in (ROOT / "docs").rglob("*.md") if "api" not in p.parts)
@@ -45,7 +46,7 @@ def test_python_blocks_run_as_written(page, tmp_path, monkeypatch):
             (tmp_path / directive.split(None, 1)[1].strip()).write_text(code)
             continue
         exec(compile(code, f"{page.name} block {i + 1}", "exec"), namespace)  # noqa: S102 - the docs' own code
-    matplotlib.pyplot.close("all")
+    plt.close("all")
 
 
 @pytest.mark.skipif(shutil.which("mkdocs") is None and not (Path(sys.executable).parent / "mkdocs").exists(),
