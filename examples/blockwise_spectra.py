@@ -82,7 +82,7 @@ def main() -> None:
             report(saved["result"], title=saved["title"], d=saved["d"], seconds=saved["seconds"], path=path)
         return
     steps = 12 if args.quick else 24
-    lm = char_transformer(seed=args.seed, quick=args.quick)
+    lm = char_transformer(seed=args.seed, steps=60 if args.quick else 300)
     cnn = digits_cnn(seed=args.seed, steps=60 if args.quick else 400)
     a = analyse(lm, num_steps=steps, num_probes=1, seed=args.seed, title="character transformer",
                 path=os.path.join(args.out, "blockwise_spectra_charlm.png"))

@@ -8,7 +8,7 @@ from curvature.app.builtin_lm import CharTransformer, char_transformer, encode_t
 
 def test_charlm_is_registered_and_trains():
     assert BUILTIN_PROBLEMS["charlm"] is char_transformer
-    p = char_transformer(quick=True, seed=0)
+    p = char_transformer(steps=60, num_batches=2, seed=0)
     assert p.info["held-out loss"] < p.info["loss at initialisation"] - 0.5
     x, y = p.data[0]
     assert x.shape == y.shape == (8, 64) and torch.equal(x[:, 1:], y[:, :-1])
