@@ -14,7 +14,6 @@ plan masks without the OBS correction.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 from .interlayer import LossChangePrediction, LossChangePredictor
 from .layers import quantizable_layers
 from .masks import MaskFileError, PruneMask
+from .plan import with_weights
 from .quantizers import check_bits, quantize_weight
 
 __all__ = ["COMPRESSION_SCHEMA_VERSION", "CompressionPlan", "predict_compression"]
@@ -116,13 +116,7 @@ class CompressionPlan:
 
     def apply(self, model: nn.Module) -> nn.Module:
         """A deep copy of ``model`` with the plan's weights (pruned, then fake-quantized)."""
-        weights = self.compressed_weights(model)
-        clone = copy.deepcopy(model)
-        modules = dict(clone.named_modules())
-        with torch.no_grad():
-            for name, w in weights.items():
-                modules[name].weight.copy_(w)
-        return clone
+        return with_weights(model, self.compressed_weights(model))
 
     def size_bytes(self, model: nn.Module) -> float:
         """Storage: kept weights at their bits (dtype bits if unquantized), one bit per weight of a

@@ -92,6 +92,16 @@ def _check_payload(payload: Any) -> None:
         raise PlanFileError(f"'activation_bits' must be null or an integer in 1..32, got {act!r}")
 
 
+def with_weights(model: nn.Module, weights: Mapping[str, Tensor]) -> nn.Module:
+    """A deep copy of ``model`` with the named modules' weights replaced (``model`` is untouched)."""
+    clone = copy.deepcopy(model)
+    modules = dict(clone.named_modules())
+    with torch.no_grad():
+        for name, w in weights.items():
+            modules[name].weight.copy_(w)
+    return clone
+
+
 @dataclass(frozen=True)
 class BitPlan:
     """A mixed-precision plan: one weight bit-width per layer, with its predicted cost and error.
@@ -267,13 +277,7 @@ class BitPlan:
 
         The original model is left untouched. Every layer of the plan must exist in the model.
         """
-        weights = self.quantized_weights(model)
-        clone = copy.deepcopy(model)
-        modules = dict(clone.named_modules())
-        with torch.no_grad():
-            for name, w in weights.items():
-                modules[name].weight.copy_(w)
-        return clone
+        return with_weights(model, self.quantized_weights(model))
 
     def evaluate(
         self,
