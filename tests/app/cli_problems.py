@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bench.models import import_transformers  # noqa: F401 - the one torchvision-safe import, shared with the tests
 from curvature.app import Problem
 
 
@@ -85,23 +86,6 @@ def output_target_mismatch():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, 3, generator=g, dtype=torch.float64)
     return Problem(_model(), nn.MSELoss(), (x, torch.zeros(8, 1, dtype=torch.float64)))
-
-
-def import_transformers():
-    """``transformers`` (ImportError without it). A torchvision wheel built for another torch breaks
-    transformers' lazy imports; GPT-2 needs no vision, so such a torchvision is hidden first."""
-    import importlib
-    import sys
-
-    try:
-        importlib.import_module("torchvision")
-    except ImportError:
-        pass
-    except Exception:  # noqa: BLE001 - the broken-wheel case raises RuntimeError at import
-        sys.modules["torchvision"] = None
-    transformers = importlib.import_module("transformers")
-    from transformers import GPT2Config, GPT2LMHeadModel  # noqa: F401
-    return transformers
 
 
 def tiny_gpt2(seed: int = 0) -> Problem:

@@ -83,3 +83,17 @@ def make_batches(name, kind, sizes=(5, 4, 3), classes=3, seed=0):
     gen = torch.Generator().manual_seed(seed + 7)
     batches = [(inputs(n, gen), targets(kind, n, classes, gen)) for n in sizes]
     return model, batches
+
+
+def fresh_product(Op, model, loss_fn, data, v, **kw):
+    """``Op(...) @ v`` from an operator that caches nothing (the reference for cached products)."""
+    return Op(model, loss_fn, data, cache_graph=False, **kw) @ v
+
+
+def mlp_dataset(n=64, seed=0):
+    """The float64 MLP of :func:`build` with ``n`` samples and class targets ``(model, x, y)``."""
+    model, inputs = build("mlp", seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = inputs(n, g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return model, x, y

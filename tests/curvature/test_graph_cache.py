@@ -10,41 +10,29 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from curvature import GGN, Hessian
 from tests.curvature import reference as ref
-from tests.curvature.models import build, make_batches
-
-
-def _fresh(Op, model, loss_fn, data, v, **kw):
-    return Op(model, loss_fn, data, cache_graph=False, **kw) @ v
-
-
-def _mlp_dataset(n=64, seed=0):
-    model, inputs = build("mlp", seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    x = inputs(n, g)
-    y = torch.randint(0, 3, (n,), generator=g)
-    return model, x, y
+from tests.curvature.models import fresh_product, make_batches, mlp_dataset
 
 
 # -- graph cache: batch order -------------------------------------------------------------------
 def test_shuffled_loader_with_partial_cache_gives_the_dataset_curvature():
-    model, x, y = _mlp_dataset()
+    model, x, y = mlp_dataset()
     loss_fn = nn.CrossEntropyLoss()
     loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(3))
     H = Hessian(model, loss_fn, loader, graph_cache_bytes=7000)
     v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    exact = _fresh(Hessian, model, loss_fn, (x, y), v)
+    exact = fresh_product(Hessian, model, loss_fn, (x, y), v)
     for _ in range(4):  # every pass draws a new batch order
         assert ref.rel_err(H @ v, exact) <= 1e-10
     assert 0 < H.cached_graph_bytes <= 7000 + 4000  # partial caching did happen (one graph over budget at most)
 
 
 def test_list_of_batches_partial_cache_is_exact_and_hits():
-    model, x, y = _mlp_dataset()
+    model, x, y = mlp_dataset()
     loss_fn = nn.CrossEntropyLoss()
     batches = list(zip(x.split(16), y.split(16)))
     H = Hessian(model, loss_fn, batches, graph_cache_bytes=7000)
     v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    exact = _fresh(Hessian, model, loss_fn, (x, y), v)
+    exact = fresh_product(Hessian, model, loss_fn, (x, y), v)
     for _ in range(3):
         assert ref.rel_err(H @ v, exact) <= 1e-10
     assert 0 < len(H._cache) < 4
@@ -64,7 +52,7 @@ def test_dot_data_writes_are_seen(Op, how):
         w.data.add_(0.3)
     else:
         w.data = w.data * 1.7
-    fresh = _fresh(Op, model, loss_fn, batches, v)
+    fresh = fresh_product(Op, model, loss_fn, batches, v)
     assert ref.rel_err(fresh, first) > 1e-3
     assert ref.rel_err(op @ v, fresh) <= 1e-12
 
@@ -83,7 +71,7 @@ def test_batchnorm_recalibration_under_no_grad_is_seen():
         for xb, _ in batches:
             model(xb * 3.0 + 1.0)
     model.eval()
-    assert ref.rel_err(H @ v, _fresh(Hessian, model, loss_fn, batches, v)) <= 1e-12
+    assert ref.rel_err(H @ v, fresh_product(Hessian, model, loss_fn, batches, v)) <= 1e-12
     D = G.to_dense()
     assert ref.rel_err(D, D.T) <= 1e-12
     assert ref.rel_err(D, GGN(model, loss_fn, batches, cache_graph=False).to_dense()) <= 1e-12
@@ -99,7 +87,7 @@ def test_reloading_parameters_outside_params_is_seen():
     first = H @ v
     other = nn.Linear(4, 6).double()
     model[0].load_state_dict(other.state_dict())
-    fresh = _fresh(Hessian, model, loss_fn, batches, v, params=["2.weight", "2.bias"])
+    fresh = fresh_product(Hessian, model, loss_fn, batches, v, params=["2.weight", "2.bias"])
     assert ref.rel_err(fresh, first) > 1e-3
     assert ref.rel_err(H @ v, fresh) <= 1e-12
 
@@ -115,7 +103,7 @@ def test_switching_to_train_mode_with_allow_train_mode_is_seen():
         with pytest.warns(UserWarning, match="allow_train_mode"):
             train_product = H @ v
         with pytest.warns(UserWarning):
-            fresh = _fresh(Hessian, model, loss_fn, batches, v, allow_train_mode=True)
+            fresh = fresh_product(Hessian, model, loss_fn, batches, v, allow_train_mode=True)
     finally:
         model.eval()
     assert ref.rel_err(fresh, eval_product) > 1e-3

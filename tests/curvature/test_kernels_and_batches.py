@@ -10,19 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from curvature import GGN, Hessian
-from tests.curvature.models import build
-
-
-def _fresh(Op, model, loss_fn, data, v, **kw):
-    return Op(model, loss_fn, data, cache_graph=False, **kw) @ v
-
-
-def _mlp_dataset(n=64, seed=0):
-    model, inputs = build("mlp", seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    x = inputs(n, g)
-    y = torch.randint(0, 3, (n,), generator=g)
-    return model, x, y
+from tests.curvature.models import mlp_dataset
 
 
 # -- global kernel switches from two threads -------------------------------------------------
@@ -104,7 +92,7 @@ def test_batch_source_weights_counts_and_slices():
 
 
 def test_operators_expose_sample_and_batch_counts():
-    model, x, y = _mlp_dataset(n=37)
+    model, x, y = mlp_dataset(n=37)
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
     H = Hessian(model, nn.CrossEntropyLoss(), loader)
     assert (H.num_samples, H.num_batches) == (37, 3)  # counted before any product
