@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -36,6 +36,11 @@ def sens_for(model, scores):
 _PERTURBATIONS = {}
 
 
+def _within(budget: float) -> float:
+    """The budget with the solvers' documented slack (a budget equal to a cost in floating point admits it)."""
+    return budget + solvers.BUDGET_RTOL * max(abs(budget), 1.0)
+
+
 def brute_force(model, sens, budget_bytes):
     """Least Ω over all 3^5 plans within the budget (perturbations computed once per model)."""
     if id(model) not in _PERTURBATIONS:
@@ -45,7 +50,7 @@ def brute_force(model, sens, budget_bytes):
     for choice in itertools.product(range(len(BITS)), repeat=len(costs)):
         size = sum(lc.size_bits[k] for lc, k in zip(costs, choice)) / 8  # no biases: no fixed part
         omega = sum(sens[lc.name].score * lc.perturbation[k] for lc, k in zip(costs, choice))
-        if size <= budget_bytes and omega < best:
+        if size <= _within(budget_bytes) and omega < best:
             best = omega
     return best
 
@@ -88,6 +93,7 @@ def test_frontier_is_exact_beside_a_large_layer(big_model):
 
 @settings(max_examples=6, deadline=None)
 @given(st.lists(st.floats(1e-6, 100.0), min_size=5, max_size=5), st.floats(0.0, 1.0))
+@example(scores=[1.0] * 5, alpha=0.9999999999999999)  # a budget one rounding below the all-8-bit size
 def test_fuzz_big_layer_pareto_equals_ilp_equals_brute_force(big_model, scores, alpha):
     sens = sens_for(big_model, scores)
     low, high = (quant.make_plan(big_model, sens, b).size_bytes for b in (2, 8))
@@ -95,7 +101,7 @@ def test_fuzz_big_layer_pareto_equals_ilp_equals_brute_force(big_model, scores, 
     truth = brute_force(big_model, sens, budget)
     for method in ("pareto", "ilp"):
         plan = quant.allocate_bits(big_model, sens, bit_choices=BITS, max_size_bytes=budget, method=method)
-        assert plan.size_bytes <= budget
+        assert plan.size_bytes <= _within(budget)
         assert plan.omega == pytest.approx(truth, rel=1e-9), method
 
 
