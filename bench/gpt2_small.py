@@ -18,7 +18,9 @@ model and the batch):
 * ``layer_traces``: ``estimators.block_traces(H, num_matvecs=--probes, group_by_module=True)``;
 * ``hawq``: ``quant.sensitivity`` of every quantizable layer (``num_matvecs=--probes``);
 * ``sophia``: ``--sophia-steps`` Sophia-H steps with ``update_period=2`` (refreshes included);
-* ``report``: ``python -m curvature report --problem examples/gpt2_small_problem.py:build --quick``.
+* ``report``: ``curvature report --problem examples/gpt2_small_problem.py:build --quick`` (one
+  sequence), run in the phase's process (its peak RSS is the command's; the time includes
+  building the model).
 
 Run (quiet machine): ``OMP_NUM_THREADS=2 python -m bench.gpt2_small`` (all phases; JSON to
 bench/results/gpt2_small.json). Dry run: ``python -m bench.gpt2_small --tiny --seq 32``.
@@ -55,10 +57,23 @@ def run_phase(phase: str, args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    out: dict = {}
+    start = time.perf_counter()
+    if phase == "report":  # the command builds its own problem (one sequence: --quick)
+        from curvature.app.cli import main as cli_main
+
+        spec = os.path.join(ROOT, "examples", "gpt2_small_problem.py") + (":build_tiny" if args.tiny else ":build")
+        code = cli_main(["report", "--problem", spec, "--quick", "--force",
+                         "--out", os.path.join(ROOT, "bench", "results", "gpt2_small_report")])
+        if code != 0:
+            raise RuntimeError(f"curvature report exited with {code}")
+        out["seconds"] = time.perf_counter() - start
+        out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return out
     p = _problem(args)
     model, loss_fn, data = p.model, p.loss_fn, p.data
     gen = torch.Generator().manual_seed(0)
-    out: dict = {"d": sum(q.numel() for q in model.parameters())}
+    out["d"] = sum(q.numel() for q in model.parameters())
     start = time.perf_counter()
     if phase == "model":
         pass
@@ -134,17 +149,6 @@ def run_phase(phase: str, args: argparse.Namespace) -> dict:
     return out
 
 
-def _report_phase(args: argparse.Namespace) -> dict:
-    spec = os.path.join(ROOT, "examples", "gpt2_small_problem.py") + (":build_tiny" if args.tiny else ":build")
-    cmd = [sys.executable, "-m", "curvature", "report", "--problem", spec, "--quick",
-           "--out", os.path.join(ROOT, "bench", "results", "gpt2_small_report")]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, timeout=args.timeout)
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {"seconds": time.perf_counter() - start, "returncode": proc.returncode,
-            "peak_rss_bytes": usage.ru_maxrss * 1024}
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phases", nargs="*", default=list(PHASES), choices=PHASES)
@@ -167,26 +171,23 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     for phase in args.phases:
         _say(f"{phase}: starting")
-        if phase == "report":
-            results[phase] = _report_phase(args)
-        else:
-            cmd = [sys.executable, "-m", "bench.gpt2_small", "--child", phase, "--batch", str(args.batch),
-                   "--seq", str(args.seq), "--probes", str(args.probes), "--slq-steps", str(args.slq_steps),
-                   "--eig-tol", str(args.eig_tol), "--eig-max-iter", str(args.eig_max_iter),
-                   "--sophia-steps", str(args.sophia_steps)] + (["--tiny"] if args.tiny else [])
-            t = time.perf_counter()
-            try:
-                proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
-            except subprocess.TimeoutExpired:
-                results[phase] = {"error": f"timed out after {args.timeout} s"}
-                _say(f"{phase}: timed out")
-                continue
-            sys.stderr.write(proc.stderr[-3000:])
-            if proc.returncode != 0:
-                results[phase] = {"error": proc.stderr[-2000:], "seconds": time.perf_counter() - t}
-                _say(f"{phase}: FAILED")
-                continue
-            results[phase] = json.loads(proc.stdout.strip().splitlines()[-1])
+        cmd = [sys.executable, "-m", "bench.gpt2_small", "--child", phase, "--batch", str(args.batch),
+               "--seq", str(args.seq), "--probes", str(args.probes), "--slq-steps", str(args.slq_steps),
+               "--eig-tol", str(args.eig_tol), "--eig-max-iter", str(args.eig_max_iter),
+               "--sophia-steps", str(args.sophia_steps)] + (["--tiny"] if args.tiny else [])
+        t = time.perf_counter()
+        try:
+            # stderr streams through (progress bars, the report's lines); the child's last stdout line is its JSON.
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            results[phase] = {"error": f"timed out after {args.timeout} s"}
+            _say(f"{phase}: timed out")
+            continue
+        if proc.returncode != 0:
+            results[phase] = {"error": f"exit {proc.returncode} (see stderr above)", "seconds": time.perf_counter() - t}
+            _say(f"{phase}: FAILED")
+            continue
+        results[phase] = json.loads(proc.stdout.strip().splitlines()[-1])
         r = results[phase]
         base = results.get("model", {}).get("peak_rss_bytes")
         peak = r.get("peak_rss_bytes", 0) / 2**30

@@ -103,7 +103,7 @@ def _jobs(model: Any, inputs: dict, labels: Any) -> dict[str, Callable[[], Calla
 
     def ours(cls: type, **kw: Any) -> Callable[[], Callable[[Any], Any]]:
         def make() -> Callable[[Any], Any]:
-            op = cls(model, loss_fn, data, deterministic=True, **kw)
+            op = cls(model, loss_fn, data, **kw)  # auto: one column is the loop, no timing
             return lambda v: op @ v
         return make
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -50,19 +51,23 @@ def measure_saved_bytes(build: Callable[[], Any], exclude: set[int]) -> tuple[An
         >>> size  # tanh saves its output: 3 float32
         12
     """
-    seen: dict[int, int] = {}
+    seen: dict[int, tuple[int, list[weakref.ref[Tensor]]]] = {}
 
     def pack(t: Tensor) -> Tensor:
         try:
             storage = t.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-        except (RuntimeError, NotImplementedError):  # tensors without storage (functorch wrappers)
+            ptr = storage.data_ptr()
+            seen.setdefault(ptr, (storage.nbytes(), []))[1].append(weakref.ref(t))
+        except (RuntimeError, NotImplementedError, TypeError):  # tensors without storage (functorch wrappers)
             pass
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         value = build()
-    return value, sum(size for ptr, size in seen.items() if ptr not in exclude)
+    # Only what is still alive: graphs built and freed inside build() (a forward-mode tangent's) hold nothing.
+    return value, sum(
+        size for ptr, (size, refs) in seen.items() if ptr not in exclude and any(r() is not None for r in refs)
+    )
 
 
 def _own_storages(model: nn.Module) -> set[int]:
@@ -152,6 +157,13 @@ class GraphCache:
         entry = self._entries.pop(index, None)
         if entry is not None:
             self._bytes -= entry.nbytes
+
+    def will_keep(self, index: int) -> bool:
+        """Whether a graph built now for batch ``index`` would be kept (:meth:`get_or_build`)."""
+        if not self.enabled or index not in self._pass_keys:
+            return False
+        entry = self._entries.get(index)  # a stale one is dropped before the budget is checked
+        return self.mode is not None or self._bytes - (entry.nbytes if entry else 0) < self.budget_bytes
 
     def get_or_build(self, index: int, build: Callable[[], Any]) -> Any:
         """``build()`` for batch ``index`` of the pass in progress, kept while the mode and budget

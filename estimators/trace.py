@@ -50,6 +50,10 @@ AUTO_MIN_MATVECS = 16
 #: does better on both with a pilot of M/6 test vectors).
 AUTO_XTRACE_MARGIN = 0.85
 
+#: ``method="auto"`` uses Hutchinson (O(d) memory) where XTrace's float64 test vectors and basis
+#: (``8 d`` bytes per matvec at the full budget) would exceed this.
+AUTO_SKETCH_BYTES = 4 << 30
+
 #: The auto pilot uses ``clamp(M // AUTO_PILOT_DIVISOR, 4, 32)`` XTrace test vectors.
 AUTO_PILOT_DIVISOR = 6
 
@@ -79,7 +83,9 @@ def trace(
             ``"xtrace"`` (exchangeable leave-one-out sketch, ``M/2`` test vectors; Epperly, Tropp,
             Webber 2024; symmetric operators); or ``"auto"``, which
             (1) computes the exact trace from ``d`` unit vectors when ``num_matvecs >= d``,
-            (2) uses Hutchinson when ``num_matvecs < 16`` or the operator is not symmetric, else
+            (2) uses Hutchinson when ``num_matvecs < 16``, the operator is not symmetric, or
+            XTrace's state at the full budget (its float64 test vectors and basis, ``8 d M``
+            bytes) would exceed 4 GiB (30 GB at GPT-2 small's d = 124M and M = 30), else
             (3) runs an XTrace pilot of ``k = clamp(M // 6, 4, 32)`` test vectors and keeps XTrace
             if its error estimate is below ``0.85`` times the Hutchinson error of the same vectors
             (a decaying spectrum), otherwise continues with
@@ -222,6 +228,10 @@ def _auto(
         return TraceEstimate(float(diag.sum()), 0.0, run.num_matvecs, "auto:exact", "unit",
                              True if rtol is not None else None, diag)
     if budget < AUTO_MIN_MATVECS or not getattr(run.op, "is_symmetric", True):
+        return _hutchinson(run, budget, distribution, gen, batch, rtol, name="auto:hutchinson")
+    if 8 * d * budget > AUTO_SKETCH_BYTES:
+        logger.info("trace(auto): Hutchinson, as XTrace would keep %.1f GiB of test vectors and basis (d = %d)",
+                    8 * d * budget / 2**30, d)
         return _hutchinson(run, budget, distribution, gen, batch, rtol, name="auto:hutchinson")
     pilot_dist = _xtrace_distribution(distribution)
     sketch = XTraceSketch(run, gen, pilot_dist)

@@ -75,3 +75,28 @@ def row_norm64(A: Tensor) -> Tensor:
 
 def column_norm64(A: Tensor) -> Tensor:
     return torch.linalg.vector_norm(A.to(torch.float64), dim=0)
+
+
+#: Bytes of the temporary of one column chunk in :func:`combine_rows`.
+_CHUNK_BYTES = 64 << 20
+
+
+def combine_rows(coeffs: Tensor, rows: Tensor, out: Tensor) -> Tensor:
+    """``out = coeffs @ rows`` (``(r, n) @ (n, d) -> (r, d)``) a chunk of columns at a time, so the
+    only temporary is one chunk; ``out`` may overlap ``rows`` (a basis rotated in place, as a
+    thick restart does), since each chunk is read whole before it is written.
+
+    Examples:
+        >>> Q = torch.arange(12.0).reshape(3, 4)
+        >>> C = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+        >>> expected = C @ Q
+        >>> combine_rows(C, Q, Q[:2]) is not None and bool(torch.equal(Q[:2], expected))
+        True
+    """
+    coeffs = coeffs.to(rows.dtype)
+    d = rows.shape[1]
+    step = max(1, _CHUNK_BYTES // max(1, max(rows.shape[0], coeffs.shape[0]) * rows.element_size()))
+    for start in range(0, d, step):
+        cols = slice(start, min(start + step, d))
+        out[:, cols] = coeffs @ rows[:, cols]
+    return out

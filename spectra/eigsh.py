@@ -12,7 +12,7 @@ from curvature import as_operator, in_working_precision
 from curvature.checks import check_choice, check_count, check_tolerance
 from curvature.probes import draw_probes, make_generator
 
-from ._utils import column_norm64, default_breakdown_tol, orthogonalize_, row_dot64, row_norm64
+from ._utils import column_norm64, combine_rows, default_breakdown_tol, orthogonalize_, row_dot64, row_norm64
 from .results import EigenResult
 
 __all__ = ["default_num_lanczos_vectors", "eigsh"]
@@ -211,7 +211,7 @@ def eigsh(
         keep = min(m_cur - 1, k + (m_cur - k) // 2)
         idx = order[:keep]
         Yk = Y[:, idx]
-        Q[:keep] = Yk.T.to(dtype) @ Q[:m_cur]
+        combine_rows(Yk.T, Q[:m_cur], Q[:keep])  # in place, chunk by chunk: no second basis
         Q[keep] = Q[m_cur]
         s = beta_last * Y[m_cur - 1, idx]
         kept_dropped = dropped[:m_cur] @ Y[:, idx].abs()
@@ -224,7 +224,8 @@ def eigsh(
         start = keep
         restarts += 1
 
-    vectors = (Y[:, wanted].T.to(dtype) @ Q[:m_cur]).T
+    vectors = torch.empty(d, k, dtype=dtype, device=device)
+    combine_rows(Y[:, wanted].T, Q[:m_cur], vectors.T)
     logger.debug(
         "eigsh: %d matvecs, %d restarts, converged %s", num_mv, restarts, converged.tolist()
     )
@@ -238,7 +239,7 @@ def eigsh(
         )
     return EigenResult(
         eigenvalues=theta[wanted].clone(),
-        eigenvectors=vectors.contiguous(),
+        eigenvectors=vectors,
         residuals=res[wanted].clone(),
         converged=converged.clone(),
         num_matvecs=A.num_matvecs - matvecs_before,

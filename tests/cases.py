@@ -5,7 +5,7 @@ truths computed independently of the library (autograd on the concatenated batch
 
 * models (:data:`MODELS`): a plain MLP, an LM with an embedding tied to its head, a module called
   twice, BatchNorm and dropout in train mode, mixed parameter dtypes, frozen layers, complex
-  parameters;
+  parameters, a part computed under ``torch.no_grad()``;
 * losses (:data:`LOSSES`): mean and sum cross-entropy, class-weighted, ``ignore_index`` padding,
   mean and sum MSE;
 * data layouts (:data:`LAYOUTS`): one batch, uneven batches, a fully padded batch among others,
@@ -84,6 +84,21 @@ class ComplexLinear(nn.Module):
         return self.out((self.w @ x.to(torch.complex128).T).abs().T ** 2)
 
 
+class NoGradScale(nn.Module):
+    """A hidden layer divided by its weight's norm taken under ``torch.no_grad()``: a constant for
+    ``loss.backward()``, which forward-mode AD would differentiate through."""
+
+    def __init__(self, dim=4, classes=3):
+        super().__init__()
+        self.body = nn.Linear(dim, 6)
+        self.out = nn.Linear(6, classes)
+
+    def forward(self, x):
+        with torch.no_grad():
+            scale = self.body.weight.norm()
+        return self.out(torch.tanh(self.body(x) / scale))
+
+
 def _seeded(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
     with torch.random.fork_rng():  # seeded init, the global RNG left as it was
         torch.manual_seed(seed)
@@ -137,6 +152,7 @@ MODELS: dict[str, ModelCase] = {
         ModelCase("mixed_dtype", MixedDtype, dtype=None, tags=frozenset({"mixed_dtype"})),
         ModelCase("frozen", _frozen, tags=frozenset({"frozen"})),
         ModelCase("complex", ComplexLinear, dtype=None, tags=frozenset({"complex"})),
+        ModelCase("no_grad_part", NoGradScale, tags=frozenset({"no_grad"})),
     ]
 }
 

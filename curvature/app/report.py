@@ -127,6 +127,11 @@ class ReportSettings:
         return cls(**base)
 
 
+#: The outlier analysis keeps its Lanczos basis (for Ritz vectors); above this many bytes (the
+#: budget of ``spectra.eigsh``'s default basis) the report skips it and says why.
+OUTLIER_BASIS_BUDGET = 4 << 30
+
+
 @dataclass(frozen=True)
 class SummarySection:
     """What was analysed: sizes, loss, gradient norm, the problem's metric and extra numbers."""
@@ -466,8 +471,14 @@ def _analyses(problem: Problem, H: Hessian, s: ReportSettings, gen: torch.Genera
     trace = report.traces.hessian if report.traces is not None else None
     k = min(s.outlier_window, H.shape[0])
     steps = min(max(3 * k, 60), H.shape[0])
-    out = analysis.outliers(H, num_classes=problem.num_classes, k=k, trace=trace, generator=gen, num_steps=steps,
-                            max_steps=steps)
+    basis_bytes = steps * H.shape[0] * H.dtype.itemsize  # its Lanczos basis is kept for the Ritz vectors
+    out = None
+    if basis_bytes <= OUTLIER_BASIS_BUDGET:
+        out = analysis.outliers(H, num_classes=problem.num_classes, k=k, trace=trace, generator=gen,
+                                num_steps=steps, max_steps=steps)
+    else:
+        skipped["outliers"] = (f"its {steps} Lanczos vectors would take {basis_bytes / 2**30:.1f} GiB "
+                               f"(d = {H.shape[0]:,}), above the {OUTLIER_BASIS_BUDGET / 2**30:.0f} GiB basis budget")
     dec = None
     if ggn_unavailable is None:
         dec = analysis.decompose(problem.model, problem.loss_fn, problem.data, k=s.decompose_k, tol=max(s.tol, 1e-4),

@@ -104,3 +104,23 @@ def test_figures_have_the_expected_axes(exact_report):
     assert "exact" in fig.axes[0].get_xlabel() and fig.axes[0].get_title() == "Per-layer curvature: tiny MLP"
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["0 (Linear), 24 params", "2 (Linear), 21 params"]
     plt.close(fig)
+
+
+def test_outliers_skipped_with_the_reason_when_their_basis_would_not_fit(monkeypatch, tmp_path):
+    """GPT-2 small's 60 Lanczos vectors would take 30 GB: the report skips the outlier analysis,
+    says why, and still writes every page and figure."""
+    import curvature.app.report as report_module
+    from curvature.app.output import write_report
+
+    monkeypatch.setattr(report_module, "OUTLIER_BASIS_BUDGET", 100)
+    problem = build_tiny()
+    settings = ReportSettings.quick(sections=("summary", "analyses"), decompose_k=1, decompose_max_iter=10)
+    report = curvature_report(problem, settings=settings, generator=torch.Generator().manual_seed(0))
+    assert report.analyses.outliers is None
+    assert "Lanczos vectors" in report.analyses.skipped["outliers"]
+    assert report.analyses.decomposition is not None
+    write_report(report, str(tmp_path))
+    assert "Lanczos vectors" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "analyses.png").stat().st_size > 0
+    assert "Lanczos vectors" in (tmp_path / "report.html").read_text()
+    assert summary_dict(report)["analyses"]["outliers"] is None

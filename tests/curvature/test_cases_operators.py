@@ -20,7 +20,7 @@ from tests.curvature.reference import dense_ggn, dense_hessian
 
 TOL = 1e-10
 LIKELIHOOD = {"ce", "ce_sum", "ce_ignore_index", "mse", "mse_sum"}  # exact Fisher = GGN for these
-MODELS = ["mlp", "tied_lm", "called_twice", "frozen"]
+MODELS = ["mlp", "tied_lm", "called_twice", "frozen", "no_grad_part"]
 PROBLEMS = cases.problems(models=MODELS)
 
 

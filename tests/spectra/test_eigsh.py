@@ -170,3 +170,24 @@ def test_power_iteration_deflation_with_exact_residuals():
     tight = spectra.eigsh(A, k=3, tol=1e-8, generator=gen())
     assert tight.num_matvecs < res.num_matvecs
     assert rel_err(tight.eigenvalues, want) < 1e-12
+
+
+def test_restart_in_place_by_column_chunks(monkeypatch):
+    """The thick restart rotates the basis in place a chunk of columns at a time (no second
+    basis in memory): with chunks of a few columns the pairs equal those of one chunk, and the
+    eigenvectors are contiguous ``(d, k)``."""
+    import spectra._utils as utils
+
+    g = torch.Generator().manual_seed(0)
+    Qr, _ = torch.linalg.qr(torch.randn(200, 200, dtype=torch.float64, generator=g))
+    A = Qr @ torch.diag(torch.linspace(0.0, 1.0, 200, dtype=torch.float64) ** 3) @ Qr.T
+    kw = dict(k=4, num_lanczos_vectors=10, tol=1e-10, generator=None)
+    whole = spectra.eigsh(A, **{**kw, "generator": torch.Generator().manual_seed(1)})
+    monkeypatch.setattr(utils, "_CHUNK_BYTES", 10 * 8 * 7)  # 7 columns per chunk
+    chunked = spectra.eigsh(A, **{**kw, "generator": torch.Generator().manual_seed(1)})
+    assert whole.all_converged and chunked.all_converged
+    torch.testing.assert_close(chunked.eigenvalues, whole.eigenvalues, rtol=0, atol=1e-12)
+    torch.testing.assert_close(chunked.eigenvectors.abs(), whole.eigenvectors.abs(), rtol=0, atol=1e-8)
+    assert chunked.eigenvectors.is_contiguous() and chunked.eigenvectors.shape == (200, 4)
+    top = torch.linalg.eigvalsh(A).flip(0)[:4]
+    torch.testing.assert_close(chunked.eigenvalues, top, rtol=0, atol=1e-10)
