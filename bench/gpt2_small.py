@@ -18,9 +18,9 @@ model and the batch):
 * ``layer_traces``: ``estimators.block_traces(H, num_matvecs=--probes, group_by_module=True)``;
 * ``hawq``: ``quant.sensitivity`` of every quantizable layer (``num_matvecs=--probes``);
 * ``sophia``: ``--sophia-steps`` Sophia-H steps with ``update_period=2`` (refreshes included);
-* ``report``: ``curvature report --problem examples/gpt2_small_problem.py:build --quick`` (one
-  sequence), run in the phase's process (its peak RSS is the command's; the time includes
-  building the model).
+* ``report``: ``curvature report --problem examples/gpt2_small_problem.py:build --quick`` (the
+  problem file's batch of 2 sequences), run in the phase's process (its peak RSS is the
+  command's; the time includes building the model). About 690 products at ~12 s: hours.
 
 Run (quiet machine): ``OMP_NUM_THREADS=2 python -m bench.gpt2_small`` (all phases; JSON to
 bench/results/gpt2_small.json). Dry run: ``python -m bench.gpt2_small --tiny --seq 32``.
@@ -59,7 +59,7 @@ def run_phase(phase: str, args: argparse.Namespace) -> dict:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out: dict = {}
     start = time.perf_counter()
-    if phase == "report":  # the command builds its own problem (one sequence: --quick)
+    if phase == "report":  # the command builds its own problem (the same 2 sequences)
         from curvature.app.cli import main as cli_main
 
         spec = os.path.join(ROOT, "examples", "gpt2_small_problem.py") + (":build_tiny" if args.tiny else ":build")

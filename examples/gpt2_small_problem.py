@@ -37,20 +37,20 @@ def pydoc_tokens(num_sequences: int, seq_len: int, *, seed: int = 0) -> torch.Te
     return torch.stack([data[s: s + seq_len] for s in starts])
 
 
-def build(*, seed: int = 0, device: str | torch.device = "cpu", quick: bool = False, tiny: bool = False,
+def build(*, seed: int = 0, device: str | torch.device = "cpu", tiny: bool = False,
           batch_size: int = 2, seq_len: int = 256) -> Problem:
-    """GPT-2 small and one batch of ``batch_size`` sequences of ``seq_len`` tokens
-    (``quick``: one sequence)."""
+    """GPT-2 small and one batch of ``batch_size`` sequences of ``seq_len`` tokens (``--quick``
+    lowers the command's budgets on this same batch)."""
     from transformers import GPT2LMHeadModel
 
     with torch.random.fork_rng(devices=[]):  # HF initialisation draws from the global RNG
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(gpt2_config(tiny=tiny)).to(device).eval()
-    tokens = pydoc_tokens(1 if quick else batch_size, seq_len, seed=seed).to(device)
+    tokens = pydoc_tokens(batch_size, seq_len, seed=seed).to(device)
     name = "GPT-2 small (random init)" if not tiny else "tiny GPT-2 (2 layers, width 64)"
     return Problem(model, TokenCrossEntropyLoss(shift=True), (tokens, tokens), name=name)
 
 
-def build_tiny(*, seed: int = 0, device: str | torch.device = "cpu", quick: bool = False) -> Problem:
+def build_tiny(*, seed: int = 0, device: str | torch.device = "cpu") -> Problem:
     """A 2-layer, width-64 GPT-2 of the full vocabulary on sequences of 32 tokens (dry runs)."""
-    return build(seed=seed, device=device, quick=quick, tiny=True, seq_len=32)
+    return build(seed=seed, device=device, tiny=True, seq_len=32)

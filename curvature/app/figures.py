@@ -120,20 +120,27 @@ def plot_layers(traces: TraceSection, *, name: str) -> Figure:
     Not HAWQ-V2's sensitivity, which counts the weights only (the bit-plan table shows it).
     """
     layers = traces.layers
-    fig, ax = plt.subplots(figsize=(7.5, 0.5 * len(layers) + 1.8))
+    labels = [f"{layer.label}, {layer.numel:,} params" for layer in layers]
+    # Room for the longest label beside a 5-inch panel (GPT-2's "transformer.h.11.mlp.c_proj
+    # (Conv1D), 2,360,064 params" would push a fixed-width panel and its title off the figure);
+    # rows get narrower with many layers (75 at GPT-2 small).
+    width = 5.0 + 0.075 * max((len(t) for t in labels), default=0)
+    row = 0.5 if len(layers) <= 20 else 0.3
+    height = row * len(layers) + 1.8
+    fig, ax = plt.subplots(figsize=(width, height))
     values = [layer.trace.value / layer.numel for layer in layers]
     errors = [ERROR_BAR_SE * layer.trace.stderr / layer.numel for layer in layers]
     ax.barh(range(len(layers)), values, xerr=errors, color="#3a6ea5", ecolor="#333333", capsize=3)
-    ax.set_yticks(range(len(layers)), [f"{layer.label}, {layer.numel:,} params" for layer in layers])
-    ax.invert_yaxis()
+    ax.set_yticks(range(len(layers)), labels)
+    ax.set_ylim(len(layers) - 0.5, -0.5)
     ax.axvline(0, color="black", lw=0.8)
     kind = "exact" if traces.hessian.method == "exact" else f"± {ERROR_BAR_SE:g} s.e."
     ax.set_xlabel(f"Hessian trace / parameter, weights and biases ({kind})")
-    ax.set_title(f"Per-layer curvature: {name}")
+    fig.suptitle(f"Per-layer curvature: {name}")
     ax.grid(axis="x", alpha=0.3)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / height))  # half an inch above the panel for the title
     return fig
 
 

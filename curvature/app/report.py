@@ -78,6 +78,9 @@ class ReportSettings:
         top_k: top eigenvalues (with true residuals).
         slq_probes, slq_steps: the spectral density's probes and Lanczos steps.
         tol: eigensolver tolerance (relative residual).
+        eig_max_iter: products each eigensolve of the eigenvalue section may spend; pairs not
+            converged by then are reported as such (at GPT-2 small one product takes ~10 s on a
+            CPU, and a 7-vector basis may need hundreds for ``tol=1e-5``).
         outlier_window: top eigenvalues the outlier analysis examines.
         decompose_k: extreme eigenvalues per term of ``H = G + R``; ``decompose_max_iter`` caps
             the products of each of its eigensolves and ``decompose_trace_matvecs`` those of each
@@ -94,6 +97,7 @@ class ReportSettings:
     slq_probes: int = 4
     slq_steps: int = 80
     tol: float = 1e-5
+    eig_max_iter: int = 500
     outlier_window: int = 30
     decompose_k: int = 2
     decompose_max_iter: int = 80
@@ -104,7 +108,7 @@ class ReportSettings:
     sections: tuple[str, ...] = SECTIONS
 
     def __post_init__(self) -> None:
-        for name in ("num_matvecs", "top_k", "slq_probes", "slq_steps", "outlier_window", "decompose_k",
+        for name in ("num_matvecs", "top_k", "slq_probes", "slq_steps", "eig_max_iter", "outlier_window", "decompose_k",
                      "decompose_max_iter", "decompose_trace_matvecs", "quant_matvecs", "graph_cache_bytes"):
             check_count(getattr(self, name), name=name)
         check_tolerance(self.tol)
@@ -121,7 +125,7 @@ class ReportSettings:
     @classmethod
     def quick(cls, **changes: Any) -> ReportSettings:
         """Small budgets on the same problem: every section runs, in seconds on the built-in problem."""
-        base = dict(num_matvecs=30, top_k=3, slq_probes=2, slq_steps=30, tol=1e-3, outlier_window=20,
+        base = dict(num_matvecs=30, top_k=3, slq_probes=2, slq_steps=30, tol=1e-3, eig_max_iter=100, outlier_window=20,
                     decompose_k=2, decompose_max_iter=40, decompose_trace_matvecs=12, quant_matvecs=12)
         base.update(changes)
         return cls(**base)
@@ -419,8 +423,9 @@ def _traces(problem: Problem, H: Hessian, s: ReportSettings, gen: torch.Generato
 
 def _eigenvalues(H: Hessian, s: ReportSettings, gen: torch.Generator) -> EigenSection:
     d = H.shape[0]
-    top = spectra.eigsh(H, k=min(s.top_k, d), which="LA", tol=s.tol, generator=gen)
-    bottom = spectra.eigsh(H, k=1, which="SA", tol=s.tol, generator=gen)
+    top = spectra.eigsh(H, k=min(s.top_k, d), which="LA", tol=s.tol, max_iter=max(s.eig_max_iter, s.top_k),
+                        generator=gen)
+    bottom = spectra.eigsh(H, k=1, which="SA", tol=s.tol, max_iter=s.eig_max_iter, generator=gen)
     section = EigenSection(top, bottom, _true_residuals(H, top), _true_residuals(H, bottom))
     pairs = (("λ{}", top, section.top_true_residuals), ("λ_min", bottom, section.bottom_true_residuals))
     for label, result, true in pairs:

@@ -101,8 +101,26 @@ def test_figures_have_the_expected_axes(exact_report):
     assert len(fig.legends) == 1 and left.get_legend() is None  # one legend, below the panels
     plt.close(fig)
     fig = plot_layers(report.traces, name="tiny MLP")
-    assert "exact" in fig.axes[0].get_xlabel() and fig.axes[0].get_title() == "Per-layer curvature: tiny MLP"
+    assert "exact" in fig.axes[0].get_xlabel() and fig._suptitle.get_text() == "Per-layer curvature: tiny MLP"
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["0 (Linear), 24 params", "2 (Linear), 21 params"]
+    plt.close(fig)
+
+
+def test_layer_figure_keeps_long_labels_and_titles_inside():
+    """75 GPT-2-style layers: every label, the title and the axis label lie inside the figure."""
+    from curvature.app.report import LayerTrace, TraceSection
+
+    est = TraceEstimate(1.0, 0.5, 30, "hutchinson", "rademacher")
+    layers = tuple(LayerTrace(f"transformer.h.{i // 6}.mlp.c_proj", "Conv1D", 2_360_064, est) for i in range(75))
+    fig = plot_layers(TraceSection(est, None, layers, {}, ()), name="GPT-2 small (random init)")
+    fig.canvas.draw()
+    box = fig.bbox
+    texts = [fig._suptitle, fig.axes[0].xaxis.label, *fig.axes[0].get_yticklabels()]
+    for t in texts:
+        ext = t.get_window_extent()
+        assert ext.x0 >= box.x0 - 1 and ext.x1 <= box.x1 + 1 and ext.y0 >= box.y0 - 1 and ext.y1 <= box.y1 + 1, t
+    title = fig._suptitle.get_window_extent()
+    assert not any(title.overlaps(t.get_window_extent()) for t in fig.axes[0].get_yticklabels())
     plt.close(fig)
 
 
@@ -124,3 +142,15 @@ def test_outliers_skipped_with_the_reason_when_their_basis_would_not_fit(monkeyp
     assert (tmp_path / "analyses.png").stat().st_size > 0
     assert "Lanczos vectors" in (tmp_path / "report.html").read_text()
     assert summary_dict(report)["analyses"]["outliers"] is None
+
+
+def test_eigensolves_are_bounded_by_eig_max_iter():
+    """At GPT-2 scale an eigensolve to tol=1e-5 could take hours: the section spends at most
+    ``eig_max_iter`` products per solve and reports what did not converge."""
+    problem = build_tiny()
+    settings = ReportSettings(top_k=3, tol=1e-14, eig_max_iter=6, sections=("summary", "eigenvalues"))
+    report = curvature_report(problem, settings=settings, generator=torch.Generator().manual_seed(0))
+    assert report.eigenvalues.top.num_matvecs <= 6 and report.eigenvalues.bottom.num_matvecs <= 6
+    assert not bool(report.eigenvalues.top.converged.all())
+    with pytest.raises(ValueError, match="eig_max_iter"):
+        ReportSettings(eig_max_iter=0)
