@@ -102,13 +102,14 @@ class OutputSpaceOperator(SelectsBackend, ModelOperator):
     backward passes (0.68x hessian-eigenthings' first GGN product on a GPT-2 LM, where the
     double backward was 0.93x). Where forward mode would differentiate another function than
     ``loss.backward()`` does (``torch.no_grad()`` parts, tensor or module backward hooks,
-    custom ``autograd.Function`` s without ``jvp``, complex parameters), the double backward is
-    used. The two forms agree to rounding, not bitwise; ``deterministic=True`` uses the double
-    backward for every column.
+    custom ``autograd.Function`` s without ``jvp``, activation checkpointing, complex
+    parameters), the double backward is used. The two forms agree to rounding, not bitwise;
+    ``deterministic=True`` uses the double backward for every column.
 
     Memory: a cached batch holds its forward graph and the graph of ``J^T w`` (about the
-    create-graph backward the Hessian keeps; with forward mode, the cotangent ``w`` it was
-    taken at: one outputs-sized tensor); ``"vmap"`` adds one output-sized tangent and one
+    create-graph backward the Hessian keeps; both forms save ``w`` as a stride-0 zero); the
+    first product's peak with forward mode holds one more outputs-sized temporary (the output
+    layer's tangent has two terms); ``"vmap"`` adds one output-sized tangent and one
     set of parameter-sized cotangents per column of a block: at most ``memory_budget`` bytes of
     them per pass (``None``: :func:`curvature._memory.default_memory_budget`), or
     ``probe_batch_size`` columns when set.
