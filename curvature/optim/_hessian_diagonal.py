@@ -233,7 +233,7 @@ def hutchinson_refresh(
             products = operator_products(curvature, params, probes)
         else:
             products = fd_products(params, closure, probes, scheme=scheme, rng=rng, model=model)  # type: ignore[arg-type]
-        estimates = {p: u * hu for p, u, hu in zip(params, probes, products)}
+        estimates = {p: hu.mul_(u) for p, u, hu in zip(params, probes, products)}  # the products are ours
     return loss, items, estimates
 
 
