@@ -30,6 +30,25 @@ def build_tiny() -> Problem:
     return Problem(_model(), nn.CrossEntropyLoss(), _data(), name="tiny MLP", metric="accuracy", num_classes=3)
 
 
+class _Slow(nn.Module):
+    """The tiny MLP, 20 ms a forward: a report on it lasts long enough to be interrupted."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = _model()
+
+    def forward(self, x):
+        import time
+
+        time.sleep(0.02)
+        return self.inner(x)
+
+
+def build_slow() -> Problem:
+    """:func:`build_tiny` with a slow forward (the Ctrl-C test interrupts it mid-run on any machine)."""
+    return Problem(_Slow().eval(), nn.CrossEntropyLoss(), _data(), name="slow tiny MLP", num_classes=3)
+
+
 def build_tuple():
     """The removed tuple form: refused with exit code 4."""
     return _model(), nn.CrossEntropyLoss(), _data()
