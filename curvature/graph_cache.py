@@ -180,7 +180,7 @@ class GraphCache:
                 self._pass_seen.add(index)
                 return entry.value
             self._drop(index)  # another batch at this position (a shuffling loader)
-        if self.mode is None and self._bytes >= self.budget_bytes:
+        if not self.will_keep(index):  # the one rule, also asked by builders that choose what to keep
             return build()
         value, size = measure_saved_bytes(build, _own_storages(self.model))
         self._entries[index] = CacheEntry(key, value, size)
