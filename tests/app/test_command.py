@@ -131,11 +131,13 @@ def test_problem_module_from_cwd_and_file_with_neighbour(tmp_path):
 
 def test_ctrl_c_keeps_the_finished_sections(tmp_path):
     out = tmp_path / "rep"
-    # A slow forward (20 ms): the report lasts minutes, so the interrupt lands mid-run even when a
-    # loaded machine starves this polling loop (on the fast built-in problem it once finished first).
+    # A slow forward (20 ms): the report lasts minutes, so the interrupt always lands mid-run. The
+    # child gets Ctrl-C's default disposition, as in a terminal: a test run started in the
+    # background (nohup, `cmd &`) ignores SIGINT, and Python then never raises KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "-m", "curvature", "report", "--problem", f"{PROBLEMS}:build_slow",
                              "--quick", "--no-progress", "--out", str(out)], env=command_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120  # sections are written to a staging folder beside --out as they finish
     while not list(tmp_path.glob(".rep.partial-*/summary.json")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
