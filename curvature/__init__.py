@@ -37,6 +37,8 @@ Data, parameters and model outputs (the shared plumbing)
   predicate
 - :func:`working_dtype`, :func:`in_working_precision` -- precision of iterative methods on
   half-precision operators
+- :data:`BASIS_BUDGET` -- the memory a kept basis of parameter-sized vectors may take by default
+  (Lanczos, sketches); raise it on a machine with more memory
 
 Several processes
 =================
@@ -59,6 +61,7 @@ Examples:
 """
 
 from . import backends
+from ._memory import BASIS_BUDGET
 from .blocks import Block, group_blocks_by_module, make_blocks
 from .data import Batch, BatchSource, EmptyDataError, batch_weight, call_model, map_tensors
 from .distributed import (
@@ -117,6 +120,7 @@ __all__ = [
     "match_names",
     "working_dtype",
     "in_working_precision",
+    "BASIS_BUDGET",
     "DataParallelOperator",
     "unwrap_data_parallel",
     "assert_same_across_ranks",

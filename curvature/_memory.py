@@ -10,7 +10,15 @@ import os
 
 import torch
 
-__all__ = ["free_memory", "used_memory", "default_memory_budget", "is_out_of_memory"]
+__all__ = ["BASIS_BUDGET", "free_memory", "used_memory", "default_memory_budget", "is_out_of_memory"]
+
+#: Bytes that the parameter-sized vectors an algorithm keeps at once may take by default: the
+#: Lanczos basis of :func:`spectra.eigsh` and of SLQ's full reorthogonalization, the test vectors
+#: and basis of :func:`estimators.trace`'s ``"auto"`` XTrace, the outlier analysis of
+#: ``curvature report``. Above it each shrinks its basis or switches to an O(d) method and says so.
+#: At GPT-2 small (d = 124M, 498 MB a float32 vector) 4 GiB is 8 vectors. Read at every call, so a
+#: machine with more memory may raise it once: ``curvature.BASIS_BUDGET = 16 << 30``.
+BASIS_BUDGET = 4 << 30
 
 #: Batched columns may add at most this fraction to the memory the process already uses (CPU):
 #: 10%, so that with the allocator's run-to-run noise (about 5% of the peak resident set) a

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+import curvature
 from curvature import as_operator
 from curvature.checks import check_choice, check_rtol
 from curvature.probes import make_generator
@@ -49,10 +50,6 @@ AUTO_MIN_MATVECS = 16
 #: keeps auto within 1.0x of the better method there and within 1.1-2.4x on flat spectra (no margin
 #: does better on both with a pilot of M/6 test vectors).
 AUTO_XTRACE_MARGIN = 0.85
-
-#: ``method="auto"`` uses Hutchinson (O(d) memory) where XTrace's float64 test vectors and basis
-#: (``8 d`` bytes per matvec at the full budget) would exceed this.
-AUTO_SKETCH_BYTES = 4 << 30
 
 #: The auto pilot uses ``clamp(M // AUTO_PILOT_DIVISOR, 4, 32)`` XTrace test vectors.
 AUTO_PILOT_DIVISOR = 6
@@ -229,7 +226,7 @@ def _auto(
                              True if rtol is not None else None, diag)
     if budget < AUTO_MIN_MATVECS or not getattr(run.op, "is_symmetric", True):
         return _hutchinson(run, budget, distribution, gen, batch, rtol, name="auto:hutchinson")
-    if 8 * d * budget > AUTO_SKETCH_BYTES:
+    if 8 * d * budget > curvature.BASIS_BUDGET:  # XTrace keeps 8 d bytes per matvec (float64)
         logger.info("trace(auto): Hutchinson, as XTrace would keep %.1f GiB of test vectors and basis (d = %d)",
                     8 * d * budget / 2**30, d)
         return _hutchinson(run, budget, distribution, gen, batch, rtol, name="auto:hutchinson")

@@ -26,6 +26,11 @@ def default_breakdown_tol(dtype: torch.dtype) -> float:
     return max(1e-10, 100 * eps_of(dtype))
 
 
+#: Memory the lockstep Lanczos bases of one block of probes or columns may take by default
+#: (bytes): more run in turns. Wider blocks only share passes over the data; the budget that
+#: guards against running out of memory is :data:`curvature.BASIS_BUDGET`.
+LOCKSTEP_BUDGET = 1 << 30
+
 #: DGKS threshold (as in ARPACK): a second Gram–Schmidt pass runs when the first one removed
 #: more than ~30 % of the vector's norm, the sign that cancellation may have spoiled it.
 DGKS_ETA = 1 / 2**0.5

@@ -23,6 +23,7 @@ from curvature import LinearOperator, as_operator, match_names
 from curvature.checks import check_count
 from curvature.probes import make_generator
 
+from ._utils import LOCKSTEP_BUDGET
 from .density import SpectralDensity
 from .lanczos import lanczos
 from .quadrature import MARGIN, default_sigma
@@ -329,10 +330,6 @@ class _BlockDiagonal(LinearOperator):
         return out
 
 
-#: Memory the lockstep Lanczos basis of one run may take (bytes); more columns run in turns.
-BASIS_BUDGET = 1 << 30
-
-
 def _top_ritz(alpha: Tensor, beta: Tensor, k: int, tol: float, exact: bool) -> tuple[Tensor, Tensor]:
     """The ``k`` largest Ritz values of one Lanczos run and whether each is converged.
 
@@ -449,7 +446,7 @@ def block_spectra(
     tridiagonals: dict[tuple[int, int], tuple[Tensor, Tensor, float]] = {}
     matvecs = 0
     for m, cols in sorted(runs.items()):
-        width = max(1, min(len(cols), BASIS_BUDGET // max(1, m * d * itemsize)))
+        width = max(1, min(len(cols), LOCKSTEP_BUDGET // max(1, m * d * itemsize)))
         for first in range(0, len(cols), width):
             chunk = cols[first: first + width]
             logger.info("blockwise Lanczos: %d columns x %d steps", len(chunk), m)

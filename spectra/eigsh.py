@@ -8,6 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+import curvature
 from curvature import as_operator, in_working_precision
 from curvature.checks import check_choice, check_count, check_tolerance
 from curvature.probes import draw_probes, make_generator
@@ -30,21 +31,17 @@ def _order(theta: Tensor, which: str) -> Tensor:
     return torch.argsort(theta.abs(), descending=True)
 
 
-#: Memory the default basis may take (bytes): at GPT-2 small (d = 124M, 498 MB a vector in
-#: float32) the usual ``k + 20`` vectors would take 12 GB.
-BASIS_BUDGET = 4 << 30
-
-
 def default_num_lanczos_vectors(k: int, d: int, itemsize: int = 8) -> int:
     """Basis size used by :func:`eigsh` when none is given: ``min(d, max(2k + 1, k + 20))``,
-    reduced to what fits :data:`BASIS_BUDGET` (at least ``k + 2`` vectors).
+    reduced to what fits :data:`curvature.BASIS_BUDGET` (at least ``k + 2`` vectors): at GPT-2
+    small (d = 124M, 498 MB a float32 vector) the usual ``k + 20`` vectors would take 12 GB.
 
     Examples:
         >>> default_num_lanczos_vectors(5, 10_000), default_num_lanczos_vectors(5, 124_439_808, 4)
         (25, 7)
     """
     wanted = min(d, max(2 * k + 1, k + 20))
-    fits = BASIS_BUDGET // max(1, d * itemsize) - 1  # the basis holds m + 1 vectors
+    fits = curvature.BASIS_BUDGET // max(1, d * itemsize) - 1  # the basis holds m + 1 vectors
     return min(wanted, max(fits, min(d, k + 2)))
 
 

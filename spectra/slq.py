@@ -10,10 +10,12 @@ from typing import Any, Callable, Literal
 import torch
 from torch import Tensor
 
+import curvature
 from curvature import LinearOperator, as_operator
 from curvature.checks import check_count
 from curvature.probes import draw_probes, draw_seed, make_generator
 
+from ._utils import LOCKSTEP_BUDGET
 from .density import SpectralDensity
 from .lanczos import lanczos
 
@@ -21,12 +23,6 @@ __all__ = ["operator_fingerprint", "slq"]
 
 logger = logging.getLogger(__name__)
 
-#: Memory the lockstep basis of one probe block may take by default (bytes).
-BASIS_BUDGET = 1 << 30
-#: Largest basis of ONE probe that ``reorthogonalize="auto"`` keeps for full reorthogonalization
-#: (bytes); above it (GPT-2 small: 124M parameters x 100 steps x 4 bytes = 50 GB) the run uses
-#: the O(d) three-term recurrence instead of running out of memory.
-FULL_REORTHOGONALIZATION_LIMIT = 4 << 30
 #: Largest default probe block.
 MAX_DEFAULT_BLOCK = 16
 #: Run settings a checkpoint must share with the run that resumes it.
@@ -175,7 +171,7 @@ def slq(
             most 16.
         reorthogonalize: ``"full"``, ``"none"`` (see :func:`spectra.lanczos`) or ``"auto"``
             (default): full while one probe's basis, ``num_steps · d`` numbers, fits 4 GiB
-            (:data:`FULL_REORTHOGONALIZATION_LIMIT`), else none (memory ``O(d)``; the density stays
+            (:data:`curvature.BASIS_BUDGET`), else none (memory ``O(d)``; the density stays
             right in the weak sense but outliers get ghost copies, Spec 03 §2), with a warning.
 
     Returns:
@@ -198,7 +194,7 @@ def slq(
     m = min(num_steps, d)
     itemsize = torch.empty((), dtype=A.dtype).element_size()
     if reorthogonalize == "auto":
-        reorthogonalize = "full" if m * d * itemsize <= FULL_REORTHOGONALIZATION_LIMIT else "none"
+        reorthogonalize = "full" if m * d * itemsize <= curvature.BASIS_BUDGET else "none"
         if reorthogonalize == "none":
             logger.warning(
                 "slq: the basis of one probe (%d steps x d=%d) would take %.1f GiB; running without "
@@ -207,7 +203,7 @@ def slq(
             )
     if probe_batch_size is None:
         probe_batch_size = max(
-            1, min(num_probes, MAX_DEFAULT_BLOCK, BASIS_BUDGET // (m * d * itemsize))
+            1, min(num_probes, MAX_DEFAULT_BLOCK, LOCKSTEP_BUDGET // (m * d * itemsize))
         )
     else:
         probe_batch_size = check_count(probe_batch_size, name="probe_batch_size")

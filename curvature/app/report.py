@@ -22,6 +22,7 @@ from typing import Any, Callable, Union
 import torch
 from torch import Tensor, nn
 
+import curvature
 import estimators
 import quant
 import spectra
@@ -129,11 +130,6 @@ class ReportSettings:
                     decompose_k=2, decompose_max_iter=40, decompose_trace_matvecs=12, quant_matvecs=12)
         base.update(changes)
         return cls(**base)
-
-
-#: The outlier analysis keeps its Lanczos basis (for Ritz vectors); above this many bytes (the
-#: budget of ``spectra.eigsh``'s default basis) the report skips it and says why.
-OUTLIER_BASIS_BUDGET = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -478,12 +474,13 @@ def _analyses(problem: Problem, H: Hessian, s: ReportSettings, gen: torch.Genera
     steps = min(max(3 * k, 60), H.shape[0])
     basis_bytes = steps * H.shape[0] * H.dtype.itemsize  # its Lanczos basis is kept for the Ritz vectors
     out = None
-    if basis_bytes <= OUTLIER_BASIS_BUDGET:
+    if basis_bytes <= curvature.BASIS_BUDGET:
         out = analysis.outliers(H, num_classes=problem.num_classes, k=k, trace=trace, generator=gen,
                                 num_steps=steps, max_steps=steps)
     else:
+        budget = curvature.BASIS_BUDGET / 2**30
         skipped["outliers"] = (f"its {steps} Lanczos vectors would take {basis_bytes / 2**30:.1f} GiB "
-                               f"(d = {H.shape[0]:,}), above the {OUTLIER_BASIS_BUDGET / 2**30:.0f} GiB basis budget")
+                               f"(d = {H.shape[0]:,}), above curvature.BASIS_BUDGET ({budget:.0f} GiB)")
     dec = None
     if ggn_unavailable is None:
         dec = analysis.decompose(problem.model, problem.loss_fn, problem.data, k=s.decompose_k, tol=max(s.tol, 1e-4),

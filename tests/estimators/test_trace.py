@@ -191,16 +191,14 @@ def test_rtol_unreachable_uses_full_budget():
 def test_auto_skips_xtrace_whose_state_would_not_fit(monkeypatch):
     """At GPT-2 scale XTrace's float64 test vectors and basis (8 d M bytes) would not fit: auto
     keeps to Hutchinson (O(d) memory) even on a decaying spectrum, where it would pick XTrace."""
-    import sys
-
-    trace_module = sys.modules["estimators.trace"]  # the package exports the function under the same name
+    import curvature
 
     decay = fast_decay()
     d = decay.shape[0]
-    monkeypatch.setattr(trace_module, "AUTO_SKETCH_BYTES", 8 * d * 60 - 1)
+    monkeypatch.setattr(curvature, "BASIS_BUDGET", 8 * d * 60 - 1)
     est = trace(decay, num_matvecs=60, method="auto", generator=gen(0))
     assert est.method == "auto:hutchinson" and est.num_matvecs == 60
-    monkeypatch.setattr(trace_module, "AUTO_SKETCH_BYTES", 8 * d * 60)
+    monkeypatch.setattr(curvature, "BASIS_BUDGET", 8 * d * 60)
     assert trace(decay, num_matvecs=60, method="auto", generator=gen(0)).method == "auto:xtrace"
 
 
