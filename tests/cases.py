@@ -5,7 +5,8 @@ truths computed independently of the library (autograd on the concatenated batch
 
 * models (:data:`MODELS`): a plain MLP, an LM with an embedding tied to its head, a module called
   twice, BatchNorm and dropout in train mode, mixed parameter dtypes, frozen layers, complex
-  parameters, a part computed under ``torch.no_grad()``;
+  parameters, a part computed under ``torch.no_grad()``, a hand-written ``autograd.Function``
+  without a forward-mode formula, a fused kernel without a double backward;
 * losses (:data:`LOSSES`): mean and sum cross-entropy, class-weighted, ``ignore_index`` padding,
   mean and sum MSE;
 * data layouts (:data:`LAYOUTS`): one batch, uneven batches, a fully padded batch among others,
@@ -20,12 +21,14 @@ loss of the model on all batches concatenated into one.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 IGNORE = -100
 f64 = torch.float64
@@ -99,6 +102,51 @@ class NoGradScale(nn.Module):
         return self.out(torch.tanh(self.body(x) / scale))
 
 
+def _tanh_function(*, double_backward: bool) -> type[torch.autograd.Function]:
+    """tanh as a hand-written ``autograd.Function``: never with a forward-mode formula, and with a
+    double backward or (``once_differentiable``, as a fused kernel) without one."""
+
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+    class Tanh(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            y = torch.tanh(x)
+            ctx.save_for_backward(y)
+            return y
+
+    Tanh.backward = staticmethod(backward if double_backward else once_differentiable(backward))
+    return Tanh
+
+
+HandTanh = _tanh_function(double_backward=True)
+FusedTanh = _tanh_function(double_backward=False)
+
+
+class TanhMLP(nn.Module):
+    """Linear, tanh, Linear, with ``tanh`` any function of one tensor (``FusedTanh.apply``, ...)."""
+
+    def __init__(self, tanh: Callable = torch.tanh, dim=4, classes=3):
+        super().__init__()
+        self.tanh = tanh
+        self.a, self.b = nn.Linear(dim, 6), nn.Linear(6, classes)
+
+    def forward(self, x):
+        return self.b(self.tanh(self.a(x)))
+
+
+def with_builtin_ops(model: nn.Module) -> nn.Module:
+    """The same function and weights by PyTorch's own ops (a copy where the model has hand-written
+    ``autograd.Function`` objects): what ``torch.func`` truths and double backwards need."""
+    if not isinstance(model, TanhMLP):
+        return model
+    twin = copy.deepcopy(model)
+    twin.tanh = torch.tanh
+    return twin
+
+
 def _seeded(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
     with torch.random.fork_rng():  # seeded init, the global RNG left as it was
         torch.manual_seed(seed)
@@ -153,6 +201,8 @@ MODELS: dict[str, ModelCase] = {
         ModelCase("frozen", _frozen, tags=frozenset({"frozen"})),
         ModelCase("complex", ComplexLinear, dtype=None, tags=frozenset({"complex"})),
         ModelCase("no_grad_part", NoGradScale, tags=frozenset({"no_grad"})),
+        ModelCase("custom_function", lambda: TanhMLP(HandTanh.apply), tags=frozenset({"no_jvp"})),
+        ModelCase("fused_kernel", lambda: TanhMLP(FusedTanh.apply), tags=frozenset({"no_double_backward"})),
     ]
 }
 

@@ -20,7 +20,7 @@ from tests.curvature.reference import dense_ggn, dense_hessian
 
 TOL = 1e-10
 LIKELIHOOD = {"ce", "ce_sum", "ce_ignore_index", "mse", "mse_sum"}  # exact Fisher = GGN for these
-MODELS = ["mlp", "tied_lm", "called_twice", "frozen", "no_grad_part"]
+MODELS = ["mlp", "tied_lm", "called_twice", "frozen", "no_grad_part", "custom_function"]
 PROBLEMS = cases.problems(models=MODELS)
 
 
@@ -58,11 +58,11 @@ def dense_empirical_fisher(p):
 
 
 def _truth(kind, p):
-    names = _names(p.model)
+    names, model = _names(p.model), cases.with_builtin_ops(p.model)  # torch.func needs built-in ops
     if kind == "hessian":
-        return dense_hessian(p.model, p.loss_fn, p.batches, names)
+        return dense_hessian(model, p.loss_fn, p.batches, names)
     if kind in ("ggn", "fisher"):
-        return dense_ggn(p.model, p.loss_fn, p.batches, names)
+        return dense_ggn(model, p.loss_fn, p.batches, names)
     return dense_empirical_fisher(p)
 
 

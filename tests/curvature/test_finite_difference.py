@@ -7,11 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from curvature import GGN, Hessian
 from curvature.finite_difference import NoDoubleBackwardError, central_difference_step
-from tests.cases import full_batch_loss, problem
+from tests.cases import full_batch_loss, problem, with_builtin_ops
 
 f64 = torch.float64
 #: Documented bound of the central differences in float64 on the tests' models (docs/finite_difference.md).
@@ -66,39 +65,9 @@ def test_step_follows_the_coarsest_dtype():
     assert central_difference_step([p64], v[1:]) < mixed / 100
 
 
-class OnceTanh(torch.autograd.Function):
-    """tanh with a hand-written backward PyTorch cannot differentiate again (as a fused kernel)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = torch.tanh(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        (y,) = ctx.saved_tensors
-        return g * (1 - y * y)
-
-
-class FusedMLP(nn.Module):
-    def __init__(self, fused: bool):
-        super().__init__()
-        self.fused = fused
-        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
-
-    def forward(self, x):
-        h = self.a(x)
-        return self.b(OnceTanh.apply(h) if self.fused else torch.tanh(h))
-
-
 def _fused_problem():
-    p = problem("mlp", "ce", "uneven")
-    torch.manual_seed(0)
-    fused, plain = FusedMLP(True).double(), FusedMLP(False).double()
-    plain.load_state_dict(fused.state_dict())
-    return fused, plain, p
+    p = problem("fused_kernel", "ce", "uneven")
+    return p.model, with_builtin_ops(p.model), p  # the twin's torch.tanh has a double backward
 
 
 def test_once_differentiable_kernel_needs_finite_differences():

@@ -81,30 +81,6 @@ class _HookedHidden(nn.Module):
         return self.out(h)
 
 
-class _NoJvp(torch.autograd.Function):
-    """tanh with a backward and a double backward but no forward-mode formula."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = torch.tanh(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        (y,) = ctx.saved_tensors
-        return g * (1 - y * y)
-
-
-class _CustomFunction(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body, self.out = nn.Linear(4, 6), nn.Linear(6, 3)
-
-    def forward(self, x):
-        return self.out(_NoJvp.apply(self.body(x)))
-
-
 def _module_hook():
     model = _mlp()
     model[0].register_full_backward_hook(lambda m, gi, go: None)
@@ -120,7 +96,7 @@ def _param_hook():
 @pytest.mark.parametrize("make, reason", [
     (lambda: cases.MODELS["no_grad_part"].build(), "no_grad"),
     (lambda: cases._seeded(0, _HookedHidden).to(f64), "tensor hook"),
-    (lambda: cases._seeded(0, _CustomFunction).to(f64), "custom Function without jvp"),
+    (lambda: cases.MODELS["custom_function"].build(), "custom Function without jvp"),
     (_module_hook, "module backward hook"),
     (_param_hook, "parameter hook"),
 ], ids=["no_grad", "tensor_hook", "no_jvp", "module_hook", "param_hook"])
