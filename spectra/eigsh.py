@@ -89,6 +89,7 @@ def eigsh(
     num_lanczos_vectors: int | None = None,
     v0: Tensor | None = None,
     generator: torch.Generator | None = None,
+    progress: bool = False,
 ) -> EigenResult:
     """``k`` extreme eigenpairs of a symmetric operator by thick-restarted Lanczos.
 
@@ -123,6 +124,8 @@ def eigsh(
         v0: start vector ``(d,)``; default a Rademacher vector from ``generator``.
         generator: source of the start vector and of restart vectors after a breakdown
             (default: a fresh OS-seeded generator; the global RNG is never used).
+        progress: a tqdm bar over the products (up to ``max_iter``), with the number of pairs
+            converged at the last restart.
 
     Returns:
         :class:`EigenResult` with eigenvalues ordered by ``which``.
@@ -153,6 +156,11 @@ def eigsh(
     dropped = torch.zeros(m, dtype=torch.float64, device=device)
     start, num_mv, norm_est, restarts = 0, 0, 0.0, 0
     matvecs_before = A.num_matvecs
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_steps, desc=f"eigsh ({which}, k={k})", unit="matvec", leave=False)
 
     while True:
         m_cur = m
@@ -162,6 +170,8 @@ def eigsh(
             if w.untyped_storage().data_ptr() == Q.untyped_storage().data_ptr():
                 w = w.clone()  # an operator may hand back its input (identity); never edit the basis
             num_mv += 1
+            if bar is not None:
+                bar.update()
             a = float(row_dot64(Q[j : j + 1], w))
             local = float(row_norm64(w))  # ‖H q_j‖: breakdowns are judged at this step's scale
             T[j, j] = a
@@ -200,6 +210,8 @@ def eigsh(
         order = _order(theta, which)
         wanted = order[:k]
         converged = res[wanted] <= tol * norm_est
+        if bar is not None:
+            bar.set_postfix(converged=f"{int(converged.sum())}/{k}")
         if bool(converged.all()) or num_mv >= max_steps:
             break
 
@@ -221,6 +233,8 @@ def eigsh(
         start = keep
         restarts += 1
 
+    if bar is not None:
+        bar.close()
     vectors = torch.empty(d, k, dtype=dtype, device=device)
     combine_rows(Y[:, wanted].T, Q[:m_cur], vectors.T)
     logger.debug(

@@ -417,11 +417,11 @@ def _traces(problem: Problem, H: Hessian, s: ReportSettings, gen: torch.Generato
     return TraceSection(best, ggn, layers, alternatives, tuple(notes))
 
 
-def _eigenvalues(H: Hessian, s: ReportSettings, gen: torch.Generator) -> EigenSection:
+def _eigenvalues(H: Hessian, s: ReportSettings, gen: torch.Generator, progress: bool) -> EigenSection:
     d = H.shape[0]
     top = spectra.eigsh(H, k=min(s.top_k, d), which="LA", tol=s.tol, max_iter=max(s.eig_max_iter, s.top_k),
-                        generator=gen)
-    bottom = spectra.eigsh(H, k=1, which="SA", tol=s.tol, max_iter=s.eig_max_iter, generator=gen)
+                        generator=gen, progress=progress)
+    bottom = spectra.eigsh(H, k=1, which="SA", tol=s.tol, max_iter=s.eig_max_iter, generator=gen, progress=progress)
     section = EigenSection(top, bottom, _true_residuals(H, top), _true_residuals(H, bottom))
     pairs = (("λ{}", top, section.top_true_residuals), ("λ_min", bottom, section.bottom_true_residuals))
     for label, result, true in pairs:
@@ -467,7 +467,7 @@ def _spectrum(H: Hessian, s: ReportSettings, gen: torch.Generator, progress: boo
 
 
 def _analyses(problem: Problem, H: Hessian, s: ReportSettings, gen: torch.Generator,
-              report: CurvatureReport, ggn_unavailable: str | None) -> AnalysisSection:
+              report: CurvatureReport, ggn_unavailable: str | None, progress: bool) -> AnalysisSection:
     skipped: dict[str, str] = {}
     trace = report.traces.hessian if report.traces is not None else None
     k = min(s.outlier_window, H.shape[0])
@@ -486,7 +486,7 @@ def _analyses(problem: Problem, H: Hessian, s: ReportSettings, gen: torch.Genera
         dec = analysis.decompose(problem.model, problem.loss_fn, problem.data, k=s.decompose_k, tol=max(s.tol, 1e-4),
                                  max_iter=s.decompose_max_iter, trace_matvecs=s.decompose_trace_matvecs, generator=gen,
                                  allow_train_mode=H.allow_train_mode, graph_cache_bytes=s.graph_cache_bytes,
-                                 **DETERMINISTIC)
+                                 progress=progress, **DETERMINISTIC)
     else:
         skipped["decomposition"] = ggn_unavailable
     hyper = None
@@ -551,11 +551,11 @@ def compute_sections(
         ("traces", "traces (Hessian, GGN, per layer)",
          lambda: _traces(problem, H, s, gens["traces"], progress, ggn_off)),
         ("eigenvalues", f"top {s.top_k} and smallest eigenvalues (Lanczos)",
-         lambda: _eigenvalues(H, s, gens["eigenvalues"])),
+         lambda: _eigenvalues(H, s, gens["eigenvalues"], progress)),
         ("spectrum", "eigenvalue density (stochastic Lanczos quadrature)",
          lambda: _spectrum(H, s, gens["spectrum"], progress, report.eigenvalues.top if report.eigenvalues else None)),
         ("analyses", "spectral analyses (outliers, H = G + R, learning rate)",
-         lambda: _analyses(problem, H, s, gens["analyses"], report, ggn_off)),
+         lambda: _analyses(problem, H, s, gens["analyses"], report, ggn_off, progress)),
         ("quantization", "HAWQ-V2 sensitivities and bit plan",
          lambda: _quantization(problem, s, gens["quantization"], allow_train_mode)),
     ]

@@ -199,6 +199,7 @@ def decompose(
     max_iter: int = 400,
     trace_matvecs: int = 96,
     generator: torch.Generator | None = None,
+    progress: bool = False,
     **operator_options: Any,
 ) -> Decomposition:
     """Split the Hessian of ``loss_fn(model(x), y)`` over ``data`` into ``G + R``.
@@ -220,6 +221,7 @@ def decompose(
             ``False`` (their values are still ``≥ 0`` up to ``tol``).
         trace_matvecs: product budget of each trace.
         generator: randomness of eigensolver starts and trace probes.
+        progress: tqdm bars over the products of each eigensolve and trace (six and three).
         **operator_options: passed to both ``Hessian`` and ``GGN`` (``params=``, ...).
 
     Returns:
@@ -246,9 +248,9 @@ def decompose(
     terms = []
     vectors: dict[str, Tensor] = {}
     for name, op in (("H", H), ("G", G), ("R", R)):
-        top = eigsh(op, k=k, which="LA", tol=tol, max_iter=max(max_iter, k), generator=g)
-        bottom = eigsh(op, k=k, which="SA", tol=tol, max_iter=max(max_iter, k), generator=g)
-        tr = estimators.trace(op, num_matvecs=min(d, trace_matvecs), method="auto", generator=g)
+        top = eigsh(op, k=k, which="LA", tol=tol, max_iter=max(max_iter, k), generator=g, progress=progress)
+        bottom = eigsh(op, k=k, which="SA", tol=tol, max_iter=max(max_iter, k), generator=g, progress=progress)
+        tr = estimators.trace(op, num_matvecs=min(d, trace_matvecs), method="auto", generator=g, progress=progress)
         terms.append(
             TermSpectrum(
                 name,

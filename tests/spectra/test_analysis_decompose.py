@@ -103,3 +103,13 @@ def test_difference_operator_checks_its_operands():
         analysis.DifferenceOperator(A, torch.eye(4, dtype=torch.float64))
     with pytest.raises(TypeError, match="same dtype"):
         analysis.DifferenceOperator(A, torch.eye(3, dtype=torch.float32))
+
+
+def test_progress_shows_each_solve_and_changes_nothing(capsys):
+    model, loss, data = tiny_classifier()
+    quiet = analysis.decompose(model, loss, data, k=2, generator=torch.Generator().manual_seed(0))
+    assert capsys.readouterr().err == ""
+    shown = analysis.decompose(model, loss, data, k=2, generator=torch.Generator().manual_seed(0), progress=True)
+    err = capsys.readouterr().err
+    assert [t.top.tolist() for t in shown.terms] == [t.top.tolist() for t in quiet.terms]
+    assert "eigsh (LA, k=2)" in err and "eigsh (SA, k=2)" in err and "trace" in err

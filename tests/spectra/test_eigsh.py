@@ -191,3 +191,13 @@ def test_restart_in_place_by_column_chunks(monkeypatch):
     assert chunked.eigenvectors.is_contiguous() and chunked.eigenvectors.shape == (200, 4)
     top = torch.linalg.eigvalsh(A).flip(0)[:4]
     torch.testing.assert_close(chunked.eigenvalues, top, rtol=0, atol=1e-10)
+
+
+def test_progress_bar_counts_the_products_and_changes_nothing(capsys):
+    A = goe(60)
+    quiet = spectra.eigsh(A, k=2, tol=1e-8, generator=gen())
+    assert capsys.readouterr().err == ""
+    shown = spectra.eigsh(A, k=2, tol=1e-8, generator=gen(), progress=True)
+    err = capsys.readouterr().err
+    assert torch.equal(shown.eigenvalues, quiet.eigenvalues)
+    assert "eigsh (LA, k=2)" in err and f"{quiet.num_matvecs}/" in err and "converged=2/2" in err
