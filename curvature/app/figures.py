@@ -94,7 +94,7 @@ def plot_spectrum(density: SpectralDensity, *, top: EigenResult | None, name: st
     ax2.set_ylim(bottom=0)
     if floor > 0:
         ax2.set_xlim(left=floor)
-        ax2.text(0.02, 0.97, f"|λ| < noise floor {floor:.2g} (max of d·ε·|λ|max and SLQ σ):\n"
+        ax2.text(0.02, 0.97, f"|λ| < noise floor {floor:.2g} (max of √d·ε·|λ|max and SLQ σ):\n"
                  f"{100 * below:.1f}% of the spectrum, not resolved: not drawn",
                  transform=ax2.transAxes, va="top", fontsize=8, color="#555555")
     _marks(ax2, top)

@@ -302,7 +302,7 @@ def _tables(report: CurvatureReport) -> list[tuple[str, list[str], list[list[str
             ["probes × Lanczos steps", f"{sp.density.num_probes} × {sp.density.num_steps}"],
             ["support", f"[{lo:.4g}, {hi:.4g}]"],
             ["spectral mass below −1% of λ1", f"{100 * sp.negative_mass:.2f}%"],
-            ["noise floor (the larger of d·ε·λmax and the SLQ kernel width)",
+            ["noise floor (the larger of √d·ε·λmax and the SLQ kernel width)",
              f"{sp.noise_floor:.3g}, with {100 * sp.below_floor_mass:.1f}% of the spectrum below it"],
         ], ["The right panel shows the fraction of eigenvalues per decade of |λ|, so equal areas mean "
             "equal counts; eigenvalues below the noise floor are not resolved (rounding or quadrature "

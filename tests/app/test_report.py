@@ -14,6 +14,7 @@ from curvature.app import ReportSettings, curvature_report, summary_dict, valida
 from curvature.app.figures import plot_layers, plot_spectrum  # noqa: E402
 from curvature.app.report import disagreements  # noqa: E402
 from estimators import TraceEstimate  # noqa: E402
+from spectra import SpectralDensity  # noqa: E402
 
 from .cli_problems import build_tiny  # noqa: E402
 
@@ -154,3 +155,16 @@ def test_eigensolves_are_bounded_by_eig_max_iter():
     assert not bool(report.eigenvalues.top.converged.all())
     with pytest.raises(ValueError, match="eig_max_iter"):
         ReportSettings(eig_max_iter=0)
+
+
+def test_noise_floor_stays_below_the_top_eigenvalue_at_lm_scale():
+    """GPT-2 small in float32 (d = 124M): the worst-case d·ε·λmax (2.5e4) exceeded λmax = 1659
+    itself, so the report called the whole spectrum, converged top eigenvalues included,
+    unresolved; √d·ε·λmax is 2.2 and the quadrature's σ sets the floor."""
+    from curvature.app.report import noise_floor
+
+    nodes = torch.tensor([[-40.0, 0.0, 40.0, 1659.0]], dtype=torch.float64)
+    dens = SpectralDensity(nodes, torch.tensor([[0.3, 0.4, 0.3 - 1e-5, 1e-5]], dtype=torch.float64), dim=124_439_808)
+    floor = noise_floor(dens, lambda_max=1659.0, dtype=torch.float32)
+    assert floor == max(124_439_808**0.5 * torch.finfo(torch.float32).eps * 1659.0, dens.default_sigma())
+    assert floor < 1659.0
