@@ -145,13 +145,14 @@ def plot_layers(traces: TraceSection, *, name: str) -> Figure:
 
 
 def plot_analyses(section: AnalysisSection, *, name: str) -> Figure | None:
-    """The outlier analysis and the ``H = G + R`` split, side by side (``None`` if neither ran)."""
+    """The outlier analysis and the ``H = G + R`` split, side by side (``None`` if neither ran; one
+    panel where one was skipped, as the outliers at GPT-2 scale)."""
     panels = [p for p in (section.outliers, section.decomposition) if p is not None]
     if not panels:
         return None
-    fig = plt.figure(figsize=(11, 4.2))
+    fig = plt.figure(figsize=(5.5 * len(panels), 4.2))
     if section.outliers is not None:
-        ax = fig.add_subplot(1, 2, 1)
+        ax = fig.add_subplot(1, len(panels), 1)
         o = section.outliers
         ev = o.eigenvalues.numpy()
         colors = ["tab:red" if i < o.count else "tab:blue" for i in range(len(ev))]
@@ -167,7 +168,7 @@ def plot_analyses(section: AnalysisSection, *, name: str) -> Figure | None:
         ax.set_title(f"Outliers: {o.count}{classes}")
         ax.grid(alpha=0.3)
     if section.decomposition is not None:
-        ax = fig.add_subplot(1, 2, 2)
+        ax = fig.add_subplot(1, len(panels), len(panels))
         dec = section.decomposition
         split = dec.top_split.numpy()
         idx = range(1, len(split) + 1)

@@ -11,7 +11,7 @@ import torch  # noqa: E402
 
 from curvature import GGN, Hessian  # noqa: E402
 from curvature.app import ReportSettings, curvature_report, summary_dict, validate  # noqa: E402
-from curvature.app.figures import plot_layers, plot_spectrum  # noqa: E402
+from curvature.app.figures import plot_analyses, plot_layers, plot_spectrum  # noqa: E402
 from curvature.app.report import disagreements  # noqa: E402
 from estimators import TraceEstimate  # noqa: E402
 from spectra import SpectralDensity  # noqa: E402
@@ -138,6 +138,10 @@ def test_outliers_skipped_with_the_reason_when_their_basis_would_not_fit(monkeyp
     assert report.analyses.outliers is None
     assert "Lanczos vectors" in report.analyses.skipped["outliers"]
     assert report.analyses.decomposition is not None
+    fig = plot_analyses(report.analyses, name="tiny")  # one panel, not an empty half beside it
+    assert [ax.get_title() for ax in fig.axes] == ["H = G + R on the top eigenvectors"]
+    assert fig.axes[0].get_position().x0 < 0.3  # it was drawn in the right half of a 2-panel figure
+    plt.close(fig)
     write_report(report, str(tmp_path))
     assert "Lanczos vectors" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "analyses.png").stat().st_size > 0
