@@ -340,6 +340,14 @@ def _tables(report: CurvatureReport) -> list[tuple[str, list[str], list[list[str
         notes.append("Sensitivity: HAWQ-V2's Tr(H_ww)/n of each layer's weight (biases excluded), from "
                      "quant.sensitivity with shared Rademacher probes; the one estimate every table and bitplan.json "
                      f"use, ± {ERROR_BAR_SE:g} s.e.")
+        negative = [s for s in q.sensitivities.values() if s.score + ERROR_BAR_SE * s.score_stderr < 0]
+        if negative:
+            # HAWQ's Ω predicts a loss increase only at a minimum, where every Tr(H_ii) >= 0.
+            verb = "has" if len(negative) == 1 else "have"
+            notes.append(f"{_plural(len(negative), 'layer')} of {len(q.sensitivities)} {verb} a sensitivity below zero "
+                         f"by more than {ERROR_BAR_SE:g} s.e. (e.g. {negative[0].name}): the Hessian is indefinite "
+                         "there, as away from a minimum (random initialisation, early training). HAWQ assumes "
+                         "Tr(H_ii) ≥ 0, so Ω is not a loss-change prediction and this plan is not one to use.")
         out.append(("HAWQ-V2 bit plan", ["layer", "bits", "sensitivity Tr(H_ww)/n"], rows, notes))
     if report.skipped:
         out.append(("Skipped", ["section", "why"], [[k, v] for k, v in report.skipped.items()], []))

@@ -172,3 +172,22 @@ def test_noise_floor_stays_below_the_top_eigenvalue_at_lm_scale():
     floor = noise_floor(dens, lambda_max=1659.0, dtype=torch.float32)
     assert floor == max(124_439_808**0.5 * torch.finfo(torch.float32).eps * 1659.0, dens.default_sigma())
     assert floor < 1659.0
+
+
+def test_bit_plan_warns_when_sensitivities_are_significantly_negative():
+    """At GPT-2's random initialisation many Tr(H_ii) < 0 and HAWQ's Ω came out negative with no
+    word that the plan's premise (a minimum) does not hold."""
+    import dataclasses
+
+    from curvature.app.output import to_markdown
+
+    settings = ReportSettings.quick(sections=("summary", "quantization"))
+    report = curvature_report(build_tiny(), settings=settings, generator=torch.Generator().manual_seed(0))
+    assert "not a loss-change prediction" not in to_markdown(report)
+    q = report.quantization
+    name, s = next(iter(q.sensitivities.items()))
+    flipped = dataclasses.replace(s, trace=-abs(s.trace) - 10 * s.trace_stderr)
+    report.quantization = dataclasses.replace(q, sensitivities={**q.sensitivities, name: flipped})
+    text = to_markdown(report)
+    assert "1 layer of" in text and " has a sensitivity" in text and f"(e.g. {name})" in text
+    assert "not a loss-change prediction" in text
