@@ -119,7 +119,7 @@ def eigsh(
             ``max(1000, 30 · basis size)``. Pairs not converged by then are returned with
             ``converged=False``.
         num_lanczos_vectors: basis size (ARPACK's ``ncv``); default ``min(d, max(2k + 1, k + 20))``,
-            fewer (at least ``k + 2``) where that basis would exceed 4 GiB
+            fewer (at least ``k + 2``) where that basis would exceed ``curvature.BASIS_BUDGET``
             (:func:`default_num_lanczos_vectors`).
         v0: start vector ``(d,)``; default a Rademacher vector from ``generator``.
         generator: source of the start vector and of restart vectors after a breakdown

@@ -184,8 +184,9 @@ class Decomposition:
         return plot_decomposition(self, axes=axes)
 
 
-def _rayleigh_split(G: Any, R: Any, X: Tensor) -> Tensor:
-    GX, RX = G @ X, R @ X
+def _rayleigh_split(H: Any, G: Any, X: Tensor) -> Tensor:
+    GX = G @ X
+    RX = H @ X - GX  # R @ X would take G @ X a second time
     return torch.stack([(X * GX).sum(0), (X * RX).sum(0)], dim=1).double()
 
 
@@ -250,8 +251,8 @@ def decompose(
         top = eigsh(op, k=k, which="LA", tol=tol, max_iter=max(max_iter, k), generator=g, progress=progress)
         bottom = eigsh(op, k=k, which="SA", tol=tol, max_iter=max(max_iter, k), generator=g, progress=progress)
         if name == "H":  # split H's eigenvectors now: no eigenvectors are kept through the other solves
-            top_split = _rayleigh_split(G, R, top.eigenvectors)
-            bottom_split = _rayleigh_split(G, R, bottom.eigenvectors)
+            top_split = _rayleigh_split(H, G, top.eigenvectors)
+            bottom_split = _rayleigh_split(H, G, bottom.eigenvectors)
         spectrum = (top.eigenvalues, bottom.eigenvalues, top.converged, bottom.converged)
         del top, bottom  # 2k parameter-sized vectors (2 GB at GPT-2 small with k = 2)
         tr = estimators.trace(op, num_matvecs=min(d, trace_matvecs), method="auto", generator=g, progress=progress)
